@@ -1,0 +1,3 @@
+"""chatroom: domain word + reference images -> annotated image dataset."""
+
+__version__ = "0.1.0"

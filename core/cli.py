@@ -1,0 +1,127 @@
+"""The command line. Heavy modules are imported inside commands so --help is fast."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from .errors import ChatroomError
+
+log = logging.getLogger("chatroom")
+
+
+def _setup_logging(verbose: int) -> None:
+    level_name = os.environ.get("CHATROOM_LOG", "").upper()
+    level = getattr(logging, level_name, None) if level_name else None
+    if not isinstance(level, int):
+        level = logging.WARNING - 10 * min(verbose, 2)
+    from rich.logging import RichHandler
+
+    from .console import stderr
+
+    handler = RichHandler(console=stderr(), show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+
+
+class Main(click.Group):
+    """Turns our errors into one line and a non-zero exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ChatroomError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: run the same command again to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="chatroom")
+def main(verbose: int) -> None:
+    """Build annotated image datasets from a domain word and reference images."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config.")
+@click.option("--domain", help="Domain name (see `chatroom domains`) or pack folder.")
+@click.option("--profile", help="A profile of the domain pack, e.g. paper or offline.")
+@click.option("--references", type=click.Path(), help="Folder of reference images.")
+@click.option("-n", "--count", type=int, help="Records to produce.")
+@click.option("-o", "--output", type=click.Path(), help="Run folder (resumed if it exists).")
+@click.option("--seed", type=int, help="Base seed; item i uses seed + i.")
+@click.option("--reference-sample", type=int, help="Use a seeded random K references.")
+@click.option("--max-candidates", type=int, help="Budget: most candidates to generate.")
+@click.option("--stop-after", type=click.Choice(["attributes", "prompts"]),
+              help="Stop after writing this file, to review or edit it.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting, e.g. --set generator.cfg_scale=4 (repeatable).")
+@click.option("--fresh", is_flag=True, help="Discard an earlier run in the output folder.")
+def run(config_path, domain, profile, references, count, output, seed, reference_sample,
+        max_candidates, stop_after, overrides, fresh):
+    """Generate a dataset: extract, prompt, generate, filter, annotate, write."""
+    from .runview import run_with_display
+
+    flags = {
+        "domain": domain,
+        "profile": profile,
+        "references": references,
+        "count": count,
+        "output": output,
+        "seed": seed,
+        "reference_sample": reference_sample,
+        "max_candidates": max_candidates,
+        "stop_after": stop_after,
+    }
+    summary = run_with_display(config_path, flags, list(overrides), fresh)
+    if summary.status == "budget exhausted":
+        sys.exit(3)
+
+
+@main.command()
+def plugins():
+    """List plugins, their versions and stages, and those that failed to load."""
+    from .views import show_plugins
+
+    show_plugins()
+
+
+@main.command()
+def domains():
+    """List the domain packs that are installed."""
+    from .views import show_domains
+
+    show_domains()
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config.")
+@click.option("--domain", help="Domain name or pack folder.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def doctor(config_path, domain, overrides):
+    """Check each configured backend: libraries, weights, servers, keys."""
+    from .views import show_doctor
+
+    if not show_doctor(config_path, domain, list(overrides)):
+        sys.exit(1)
+
+
+@main.command("smoke-models")
+@click.argument("directory", type=click.Path())
+def smoke_models(directory):
+    """Write tiny random-weight models and DIRECTORY/smoke.toml to check an install."""
+    from .smoke import write_smoke_models
+
+    path = write_smoke_models(directory)
+    click.echo(f"wrote {path}")
+    click.echo(f"try: chatroom run -c {path} --references REFS -n 8 -o OUT")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

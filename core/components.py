@@ -1,0 +1,155 @@
+"""Base classes for the five stages and the validation of component options."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .domain import Domain
+    from .models import (
+        Annotation,
+        AttributeBank,
+        Candidate,
+        PlanItem,
+        PromptSpec,
+        Reference,
+        Verdict,
+    )
+
+log = logging.getLogger(__name__)
+
+STAGES = ("extractor", "prompter", "generator", "filter", "annotator")
+
+
+class Options(BaseModel):
+    """Base for a component's options: unknown names are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Context:
+    """What a component may use besides its options: the run's shared services."""
+
+    def __init__(self, domain: Domain, cache=None, workdir=None, seed: int = 0):
+        self.domain = domain
+        self.cache = cache
+        self.workdir = workdir
+        self.seed = seed
+
+
+class Component:
+    """A named, configurable piece of one stage.
+
+    Subclasses set ``name``, ``stage`` (through the stage base classes below) and
+    ``Options``; the engine builds them with validated options and calls ``close``
+    when the run ends. Models are loaded lazily, on first use.
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
+    description: ClassVar[str] = ""
+    batch_size: ClassVar[int] = 1
+
+    def __init__(self, options: Options, context: Context):
+        self.options = options
+        self.context = context
+
+    def describe(self) -> dict[str, Any]:
+        """Model ids, versions and hashes this component used, for run.json."""
+        return {}
+
+    def close(self) -> None:
+        """Release models and connections."""
+
+
+class Extractor(Component):
+    stage = "extractor"
+
+    def extract(
+        self, references: list[Reference], domain: Domain
+    ) -> AttributeBank:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Prompter(Component):
+    stage = "prompter"
+
+    def write(
+        self, items: list[PlanItem], domain: Domain
+    ) -> list[PromptSpec]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Generator(Component):
+    stage = "generator"
+
+    def generate(self, specs: list[PromptSpec], seeds: list[int]) -> list[Candidate]:
+        raise NotImplementedError  # pragma: no cover
+
+
+class Filter(Component):
+    """Judges candidates. ``cost`` orders filters: cheapest run first."""
+
+    stage = "filter"
+    cost: ClassVar[float] = 1.0
+
+    def check(self, candidates: list[Candidate]) -> list[Verdict]:
+        raise NotImplementedError  # pragma: no cover
+
+
+class Annotator(Component):
+    stage = "annotator"
+
+    def annotate(
+        self, candidates: list[Candidate], verdicts: list[list[Verdict]]
+    ) -> list[Annotation]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def closest(name: str, choices) -> str:
+    """' (did you mean X?)' for the nearest choice, or ''."""
+    match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _accepted(model: type[BaseModel], field: str) -> str:
+    info = model.model_fields.get(field)
+    if info is None:
+        return ""
+    ann = info.annotation
+    args = getattr(ann, "__args__", None)
+    if args and all(isinstance(a, str) for a in args):
+        return "one of " + ", ".join(repr(a) for a in args)
+    name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+    return f"a {name}"
+
+
+def validate_options(component: type[Component], where: str, raw: dict) -> Options:
+    """Build a component's options, turning pydantic errors into one clear line."""
+    model = component.Options
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        option = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden":
+            known = sorted(model.model_fields)
+            hint = closest(option, known) or f" (known: {', '.join(known) or 'none'})"
+            raise ConfigError(
+                f"{where} ({component.name}): unknown option '{loc}'{hint}"
+            ) from None
+        value = err.get("input")
+        accepted = _accepted(model, option)
+        msg = err["msg"][0].lower() + err["msg"][1:]
+        tail = f"; expected {accepted}" if accepted else ""
+        raise ConfigError(
+            f"{where} ({component.name}): option '{loc}' = {value!r}: {msg}{tail}"
+        ) from None

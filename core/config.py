@@ -1,0 +1,173 @@
+"""Run configuration: layered settings with the source of every value.
+
+Later layers win: component defaults, the domain pack, the pack's profile, the
+user's config file (TOML or YAML), then the command line (flags and ``--set``).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .components import closest
+from .errors import ConfigError
+
+SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
+# Keys that steer a run without changing what it produces: a resumed run may differ.
+RUN_CONTROL = {
+    "count",
+    "output",
+    "max_candidates",
+    "stop_after",
+    "queue_size",
+    "references",
+    "fresh",
+}
+STOP_POINTS = ("attributes", "prompts")
+
+
+class RunSettings(BaseModel):
+    """The top-level settings of a run (components are validated by their own models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str = "fashion"
+    profile: str = ""
+    references: str = ""
+    output: str = "out"
+    count: int = Field(8, ge=1)
+    seed: int = 0
+    reference_sample: int = Field(0, ge=0)
+    max_candidates: int = Field(0, ge=0)
+    stop_after: Literal["", "attributes", "prompts"] = ""
+    queue_size: int = Field(4, ge=1)
+    plan: Literal["marginal", "joint"] = "marginal"
+    extractor: dict[str, Any] = Field(default_factory=dict)
+    prompter: dict[str, Any] = Field(default_factory=dict)
+    generator: dict[str, Any] = Field(default_factory=dict)
+    filters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    annotators: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: cannot parse: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings at the top level")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> nested dict; the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. generator.steps=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key is empty or malformed")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return nest(key, value)
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+class Layered:
+    """Merges layers of nested settings and remembers which layer set each value."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def add(self, layer: dict[str, Any], source: str) -> None:
+        self._merge(self.data, copy.deepcopy(layer), source, "")
+
+    def _merge(self, into: dict, layer: dict, source: str, prefix: str) -> None:
+        for key, value in layer.items():
+            full = f"{prefix}{key}"
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                self._merge(into[key], value, source, full + ".")
+            else:
+                into[key] = value
+                if isinstance(value, dict):
+                    for sub in flatten(value, full + "."):
+                        self.sources[sub] = source
+                self.sources[full] = source
+
+    def get(self, key: str, default: Any = None) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def source(self, key: str) -> str:
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return "default"
+
+
+def validate_run_settings(data: dict[str, Any]) -> RunSettings:
+    try:
+        return RunSettings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            hint = closest(loc, RunSettings.model_fields)
+            raise ConfigError(f"unknown setting '{loc}'{hint}") from None
+        raise ConfigError(
+            f"setting '{loc}' = {err.get('input')!r}: {err['msg'][0].lower()}{err['msg'][1:]}"
+        ) from None
+
+
+def is_secret(key: str) -> bool:
+    last = key.rsplit(".", 1)[-1].lower()
+    return any(word in last for word in SECRET_WORDS)
+
+
+def redact(flat: dict[str, Any]) -> dict[str, Any]:
+    """Replace the value of every secret-looking key with a marker."""
+    return {k: ("<redacted>" if is_secret(k) and v not in (None, "") else v)
+            for k, v in flat.items()}

@@ -1,0 +1,692 @@
+"""The engine: extract -> plan -> prompt -> generate -> filter -> annotate -> write.
+
+Stages run in threads connected by bounded queues, so they overlap and memory stays
+flat. The SQLite journal in the run folder is the source of truth: files are written
+atomically before an item is marked final, and a restarted run rebuilds the JSONL
+files from the journal and deletes files that no record owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import journal as jr
+from . import store
+from .components import Component, Context
+from .errors import ChatroomError, InputError, ResumeError
+from .models import (
+    Annotation,
+    AttributeBank,
+    BankEntry,
+    Candidate,
+    Failure,
+    PlanItem,
+    PromptSpec,
+    Record,
+    Reference,
+    Rejection,
+    Verdict,
+)
+from .plan import plan_item
+from .manager import Plugins
+from .references import load_references
+from .resolve import ComponentSpec, Request, Resolved, changed_keys, resolve
+from .runinfo import run_info
+
+log = logging.getLogger(__name__)
+
+STOP = object()
+RUN_FILES = (
+    "run.json",
+    "journal.sqlite",
+    "journal.sqlite-wal",
+    "journal.sqlite-shm",
+    "attributes.jsonl",
+    "prompts.jsonl",
+    "metadata.jsonl",
+    "rejected.jsonl",
+    "failures.jsonl",
+)
+STAGE_NAMES = ("prompt", "generate", "filter", "annotate", "write")
+MAX_FAILURES_IN_A_ROW = 20
+
+
+@dataclass
+class Work:
+    """One item on its way through the stages."""
+
+    plan: PlanItem
+    spec: PromptSpec | None = None
+    candidate: Candidate | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+    annotations: list[Annotation] = field(default_factory=list)
+    outcome: str = ""  # "", "rejected" or "failed"
+    stage: str = ""
+    component: str = ""
+    reason: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return self.plan.index
+
+    def decide(self, outcome: str, stage: str, component: str, reason: str, scores=None):
+        self.outcome, self.stage, self.component, self.reason = outcome, stage, component, reason
+        self.scores = dict(scores or {})
+
+
+@dataclass
+class Progress:
+    """Counts the CLI shows while a run goes on."""
+
+    target: int = 0
+    budget: int = 0
+    written: int = 0
+    rejected: int = 0
+    failed: int = 0
+    done: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGE_NAMES, 0))
+    started: float = field(default_factory=time.monotonic)
+    resumed: int = 0
+    phase: str = "starting"
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        fresh = self.written - self.resumed
+        return fresh / elapsed if elapsed > 0 and fresh > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.rate
+        return (self.target - self.written) / rate if rate else None
+
+
+@dataclass
+class RunSummary:
+    output: str
+    status: str
+    target: int
+    written: int
+    rejected: int
+    failed: int
+    attempted: int
+    budget: int
+    rejections_by_reason: dict[str, int]
+    seconds: float
+    message: str = ""
+
+
+class RunContext:
+    """What lifecycle hooks receive: the resolved run and its folder."""
+
+    def __init__(self, resolved: Resolved, out: Path, fingerprint: str):
+        self.resolved = resolved
+        self.settings = resolved.settings
+        self.domain = resolved.domain
+        self.output = out
+        self.fingerprint = fingerprint
+
+
+class Engine:
+    """Runs one request to completion, or resumes it."""
+
+    def __init__(
+        self,
+        request: Request,
+        plugins: Plugins | None = None,
+        fresh: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ):
+        self.plugins = plugins or Plugins()
+        self.resolved = resolve(request, self.plugins)
+        self.settings = self.resolved.settings
+        self.domain = self.resolved.domain
+        self.fresh = fresh
+        self.on_progress = on_progress or (lambda p: None)
+        self.progress = Progress()
+        self._instances: dict[str, Component] = {}
+        self._append_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._error: BaseException | None = None
+        self._failures_in_a_row = 0
+        self._stopping = False
+
+    # --- public --------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        settings = self.settings
+        refs_folder = settings.references
+        if not refs_folder:
+            raise InputError("no references folder: pass --references DIR")
+        references, ref_failures = load_references(
+            refs_folder, settings.reference_sample, settings.seed
+        )
+        self.references = {r.id: r for r in references}
+        self.fingerprint = self.resolved.fingerprint([r.sha256 for r in references])
+        self.out = self._prepare_output(Path(settings.output).expanduser())
+        self.journal = jr.Journal(self.out / "journal.sqlite")
+        try:
+            for failure in ref_failures:
+                self.journal.add_failure(failure.model_dump())
+            self.context = RunContext(self.resolved, self.out, self.fingerprint)
+            self._write_run_json("running")
+            self._reconcile()
+            self.plugins.hook.run_started(run=self.context)
+            summary = self._run(references, started)
+            self._write_run_json(summary.status, summary)
+            self.plugins.hook.run_finished(run=self.context, summary=summary)
+            return summary
+        finally:
+            for instance in self._instances.values():
+                try:
+                    instance.close()
+                except Exception:  # closing must not hide the run's own error
+                    log.exception("closing %s failed", instance.name)
+            self.journal.close()
+
+    # --- output folder -------------------------------------------------------------
+
+    def _prepare_output(self, out: Path) -> Path:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f"{store.TMP_PREFIX}probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(f"output folder cannot be written: {out} ({exc.strerror})") from None
+        run_json = out / "run.json"
+        if run_json.exists():
+            import json
+
+            try:
+                old = json.loads(run_json.read_text(encoding="utf-8"))
+            except ValueError:
+                old = {}
+            if old.get("fingerprint") != self.fingerprint:
+                if not self.fresh:
+                    changed = changed_keys(
+                        old.get("settings", {}), self.resolved.settings_with_sources()
+                    )
+                    what = ", ".join(changed[:8]) or "references or domain pack"
+                    if len(changed) > 8:
+                        what += f" and {len(changed) - 8} more"
+                    raise ResumeError(
+                        f"{out} holds a run with other settings (changed: {what}); "
+                        "pass --fresh to start afresh there, or choose another -o"
+                    )
+                self._wipe(out)
+        elif any(out.iterdir()) and not (out / "journal.sqlite").exists():
+            stray = sorted(p.name for p in out.iterdir())[:3]
+            if not self.fresh and not set(stray) <= set(RUN_FILES) | set(store.DATA_DIRS):
+                raise ResumeError(
+                    f"{out} is not empty and holds no chatroom run ({', '.join(stray)}...); "
+                    "choose an empty or new folder"
+                )
+        return out
+
+    def _wipe(self, out: Path) -> None:
+        """Remove what an earlier run wrote (and nothing else)."""
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in (*store.DATA_DIRS, "report"):
+            shutil.rmtree(out / name, ignore_errors=True)
+
+    def _reconcile(self) -> None:
+        """Make the folder agree with the journal after a crash."""
+        removed = store.remove_orphans(self.out, self.journal.files())
+        if removed:
+            log.info("removed %d files no record owns", len(removed))
+        self._rewrite_jsonl()
+
+    def _rewrite_jsonl(self) -> None:
+        store.write_jsonl(self.out / "metadata.jsonl", self.journal.records(jr.WRITTEN))
+        store.write_jsonl(self.out / "rejected.jsonl", self.journal.records(jr.REJECTED))
+        failures = self.journal.failures() + self.journal.records(jr.FAILED)
+        store.write_jsonl(self.out / "failures.jsonl", failures)
+
+    def _append(self, name: str, row: dict) -> None:
+        import json
+
+        with self._append_lock, open(self.out / name, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def _write_run_json(self, status: str, summary: RunSummary | None = None) -> None:
+        import json
+
+        info = run_info(self, status, summary)
+        store.atomic_write_text(self.out / "run.json", json.dumps(info, indent=2, default=str))
+
+    # --- components ----------------------------------------------------------------
+
+    def instance(self, spec: ComponentSpec) -> Component:
+        key = f"{spec.stage}:{spec.key}"
+        if key not in self._instances:
+            context = Context(self.domain, cache=self.journal, workdir=self.out,
+                              seed=self.settings.seed)
+            self._instances[key] = spec.cls(spec.options, context)
+        return self._instances[key]
+
+    # --- the run ---------------------------------------------------------------------
+
+    def _run(self, references: list[Reference], started: float) -> RunSummary:
+        settings = self.settings
+        progress = self.progress
+        progress.target = settings.count
+        progress.budget = settings.max_candidates or settings.count * 4
+        progress.written = progress.resumed = self.journal.count(jr.WRITTEN)
+        progress.rejected = self.journal.count(jr.REJECTED)
+        progress.failed = self.journal.count(jr.FAILED)
+
+        progress.phase = "extracting"
+        self.on_progress(progress)
+        self.bank = self._bank(references)
+        if settings.stop_after == "attributes":
+            return self._summary("stopped after attributes", started)
+
+        progress.phase = "prompting"
+        self.prompts = self._load_prompts()
+        if settings.stop_after == "prompts":
+            self._prompt_all(range(settings.count))
+            return self._summary("stopped after prompts", started)
+
+        progress.phase = "generating"
+        self.on_progress(progress)
+        if progress.written < progress.target:
+            self._pipeline()
+        self._rewrite_jsonl()
+        written = self.journal.count(jr.WRITTEN)
+        status = "complete" if written >= settings.count else "budget exhausted"
+        return self._summary(status, started)
+
+    def _summary(self, status: str, started: float) -> RunSummary:
+        rejected = self.journal.records(jr.REJECTED)
+        by_reason: dict[str, int] = {}
+        for row in rejected:
+            key = f"{row['component']}: {row['reason']}"
+            by_reason[key] = by_reason.get(key, 0) + 1
+        written = self.journal.count(jr.WRITTEN)
+        statuses = self.journal.statuses()
+        attempted = sum(1 for s in statuses.values() if s in jr.DONE)
+        budget = self.progress.budget
+        message = ""
+        if status == "budget exhausted":
+            top = sorted(by_reason.items(), key=lambda kv: -kv[1])[:3]
+            why = "; ".join(f"{n} x {r}" for r, n in top) or "failures, see failures.jsonl"
+            message = (
+                f"budget of {budget} candidates used up: {written} of "
+                f"{self.settings.count} records passed ({why}); raise max_candidates "
+                "and run the same command again to continue"
+            )
+        return RunSummary(
+            output=str(self.out),
+            status=status,
+            target=self.settings.count,
+            written=written,
+            rejected=len(rejected),
+            failed=self.journal.count(jr.FAILED),
+            attempted=attempted,
+            budget=budget,
+            rejections_by_reason=by_reason,
+            seconds=round(time.monotonic() - started, 3),
+            message=message,
+        )
+
+    # --- extract -----------------------------------------------------------------------
+
+    def _bank(self, references: list[Reference]) -> AttributeBank:
+        path = self.out / "attributes.jsonl"
+        if path.exists():
+            try:
+                rows = store.read_jsonl(path)
+                entries = [BankEntry.model_validate(r) for r in rows]
+            except ValueError as exc:
+                raise InputError(f"{path}: {str(exc).splitlines()[0]}") from None
+            attributes = list(dict.fromkeys(e.attribute for e in entries))
+            spec = self.resolved.one("extractor")
+            return AttributeBank(domain=self.domain.name, attributes=attributes,
+                                 entries=entries, extractor=spec.cls.name)
+        spec = self.resolved.one("extractor")
+        extractor = self.instance(spec)
+        bank = extractor.extract(references, self.domain)
+        bank.extractor = spec.cls.name
+        store.write_jsonl(path, [e.model_dump() for e in bank.entries])
+        log.info("attribute bank: %d attributes, %d entries from %d references",
+                 len(bank.attributes), len(bank.entries), len(references))
+        return bank
+
+    # --- prompts -----------------------------------------------------------------------
+
+    def _load_prompts(self) -> dict[int, PromptSpec]:
+        path = self.out / "prompts.jsonl"
+        if not path.exists():
+            return {}
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines = lines[:-1]  # a line cut short by a crash is written again
+            store.atomic_write_text(path, "".join(line + "\n" for line in lines))
+        import json
+
+        prompts: dict[int, PromptSpec] = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                spec = PromptSpec.model_validate(json.loads(line))
+            except ValueError as exc:
+                first = str(exc).splitlines()[0]
+                raise InputError(f"{path}:{number}: not a prompt row: {first}") from None
+            original = self.journal.get(f"prompt:{spec.index}")
+            spec.edited = original is not None and original != spec.prompt
+            prompts[spec.index] = spec
+        return prompts
+
+    def _prompt_all(self, indices) -> list[PromptSpec]:
+        """Prompts for these indices: from prompts.jsonl, else written now."""
+        items = [self._plan(i) for i in indices]
+        missing = [it for it in items if it.index not in self.prompts]
+        if missing:
+            spec = self.resolved.one("prompter")
+            written = self.instance(spec).write(missing, self.domain)
+            for item, prompt in zip(missing, written, strict=True):
+                prompt.index, prompt.item_id = item.index, item.item_id
+                prompt.entries = prompt.entries or item.entries
+                prompt.writer = prompt.writer or spec.cls.name
+                self.journal.put(f"prompt:{item.index}", prompt.prompt)
+                self._append("prompts.jsonl", prompt.model_dump())
+                self.prompts[item.index] = prompt
+        return [self.prompts[it.index] for it in items]
+
+    def _plan(self, index: int) -> PlanItem:
+        return plan_item(self.bank, index, self.fingerprint, self.settings.seed,
+                         self.settings.plan)
+
+    # --- pipeline ------------------------------------------------------------------------
+
+    def _pipeline(self) -> None:
+        size = self.settings.queue_size
+        queues = [queue.Queue(maxsize=size) for _ in range(5)]
+        stages = [
+            ("prompt", self._stage_prompt, self._batch("prompter")),
+            ("generate", self._stage_generate, self._batch("generator")),
+            ("filter", self._stage_filter, self._batch("filter")),
+            ("annotate", self._stage_annotate, self._batch("annotator")),
+        ]
+        threads = [threading.Thread(target=self._feed, args=(queues[0],), daemon=True,
+                                    name="chatroom-feed")]
+        for number, (name, fn, batch) in enumerate(stages):
+            threads.append(threading.Thread(
+                target=self._worker, args=(name, fn, batch, queues[number],
+                                           queues[number + 1]),
+                daemon=True, name=f"chatroom-{name}"))
+        for thread in threads:
+            thread.start()
+        try:
+            self._write_loop(queues[-1])
+        finally:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            for q in queues:  # unblock producers so the threads end
+                while True:
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        break
+            for thread in threads:
+                thread.join(timeout=5)
+        if self._error is not None:
+            raise self._error
+
+    def _batch(self, stage: str) -> int:
+        specs = self.resolved.components.get(stage, [])
+        sizes = [getattr(s.options, "batch_size", 1) or 1 for s in specs]
+        return max(sizes or [1])
+
+    def _feed(self, out: queue.Queue) -> None:
+        """Issue item indices while more records are needed and budget is left."""
+        done = {i for i, s in self.journal.statuses().items() if s in jr.DONE}
+        budget = self.progress.budget
+        index = 0
+        try:
+            while index < budget:
+                if index in done:
+                    index += 1
+                    continue
+                with self._cond:
+                    # Wait while the items in flight could still fill the target.
+                    while (not self._stopping and self._inflight + self.progress.written
+                           >= self.progress.target):
+                        if self.progress.written >= self.progress.target:
+                            self._stopping = True
+                            break
+                        self._cond.wait(0.5)
+                    if self._stopping:
+                        break
+                    self._inflight += 1
+                out.put(Work(plan=self._plan(index)))
+                index += 1
+        except BaseException as exc:  # surfaced by the writer
+            self._error = self._error or exc
+        out.put(STOP)
+
+    def _worker(self, name: str, fn, batch_size: int, inq: queue.Queue,
+                outq: queue.Queue) -> None:
+        finished = False
+        while not finished:
+            first = inq.get()
+            if first is STOP:
+                break
+            batch = [first]
+            while len(batch) < batch_size:
+                try:
+                    nxt = inq.get(timeout=0.05)
+                except queue.Empty:
+                    break
+                if nxt is STOP:
+                    finished = True
+                    break
+                batch.append(nxt)
+            live = [w for w in batch if not w.outcome]
+            if live:
+                try:
+                    fn(live)
+                except ChatroomError as exc:  # fatal: config, quota, missing library
+                    self._error = self._error or exc
+                    for work in live:  # not journaled: a later run does them again
+                        work.decide("aborted", name, "", str(exc))
+                except Exception as exc:
+                    log.exception("%s stage failed on items %s", name,
+                                  [w.index for w in live])
+                    for work in live:
+                        work.decide("failed", name, "", f"{type(exc).__name__}: {exc}")
+            self.progress.done[name] += len(batch)
+            for work in batch:
+                outq.put(work)
+        outq.put(STOP)
+
+    def _stage_prompt(self, batch: list[Work]) -> None:
+        specs = self._prompt_all([w.index for w in batch])
+        for work, spec in zip(batch, specs, strict=True):
+            work.spec = spec
+
+    def _stage_generate(self, batch: list[Work]) -> None:
+        generator = self.instance(self.resolved.one("generator"))
+        candidates = generator.generate([w.spec for w in batch], [w.plan.seed for w in batch])
+        for work, candidate in zip(batch, candidates, strict=True):
+            work.candidate = candidate
+
+    def _stage_filter(self, batch: list[Work]) -> None:
+        for spec in self.resolved.components.get("filter", []):
+            live = [w for w in batch if not w.outcome]
+            if not live:
+                return
+            verdicts = self.instance(spec).check([w.candidate for w in live])
+            for work, verdict in zip(live, verdicts, strict=True):
+                verdict.filter = verdict.filter or spec.key
+                verdict.observed = spec.observe
+                work.verdicts.append(verdict)
+                if not verdict.passed and not spec.observe:
+                    work.decide("rejected", "filter", spec.key, verdict.reason, verdict.scores)
+
+    def _stage_annotate(self, batch: list[Work]) -> None:
+        for spec in self.resolved.components.get("annotator", []):
+            live = [w for w in batch if not w.outcome]
+            if not live:
+                return
+            notes = self.instance(spec).annotate(
+                [w.candidate for w in live], [w.verdicts for w in live]
+            )
+            for work, note in zip(live, notes, strict=True):
+                note.annotator = note.annotator or spec.key
+                note.observed = spec.observe
+                work.annotations.append(note)
+                if note.rejected and not spec.observe:
+                    work.decide("rejected", "annotator", spec.key, note.rejected)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _write_loop(self, inq: queue.Queue) -> None:
+        progress = self.progress
+        while True:
+            work = inq.get()
+            if work is STOP:
+                return
+            try:
+                self._write(work)
+            finally:
+                with self._cond:
+                    self._inflight -= 1
+                    self._cond.notify_all()
+            progress.done["write"] += 1
+            self.on_progress(progress)
+            if self._error is not None:
+                return
+            if work.outcome == "failed":
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    raise ChatroomError(
+                        f"{self._failures_in_a_row} items failed in a row; last: "
+                        f"{work.stage}: {work.reason}"
+                    )
+            else:
+                self._failures_in_a_row = 0
+
+    def _write(self, work: Work) -> None:
+        journal = self.journal
+        spec = work.spec
+        if work.outcome == "aborted":
+            return
+        if work.outcome == "failed":
+            failure = Failure(kind="item", subject=work.plan.item_id, reason=work.reason,
+                              stage=work.stage, index=work.index)
+            journal.finish(work.index, work.plan.item_id, jr.FAILED, failure.model_dump(),
+                           work.reason)
+            self._append("failures.jsonl", failure.model_dump())
+            self.progress.failed += 1
+            return
+        if work.outcome == "rejected":
+            rejection = Rejection(
+                item_id=work.plan.item_id, index=work.index, stage=work.stage,
+                component=work.component, reason=work.reason, scores=work.scores,
+                prompt=spec.prompt if spec else "", seed=work.plan.seed,
+            )
+            journal.finish(work.index, work.plan.item_id, jr.REJECTED,
+                           rejection.model_dump(), work.reason)
+            self._append("rejected.jsonl", rejection.model_dump())
+            self.progress.rejected += 1
+            return
+        if self.progress.written >= self.progress.target:
+            journal.finish(work.index, work.plan.item_id, jr.SURPLUS, None, "target reached")
+            return
+
+        record, files = self._files(work)
+        journal.finish(work.index, work.plan.item_id, jr.WRITTEN, record, files=files)
+        self._append("metadata.jsonl", record)
+        self.progress.written += 1
+        self.plugins.hook.record_written(run=self.context, record=Record.model_validate(
+            {k: v for k, v in record.items() if k in Record.model_fields}))
+
+    def _files(self, work: Work) -> tuple[dict[str, Any], list[str]]:
+        """Write an accepted item's files atomically; return its metadata row."""
+        candidate = work.candidate
+        spec = work.spec
+        item = work.plan.item_id
+        files = []
+        image_rel = f"images/{item}.png"
+        store.save_image(self.out / image_rel, candidate.image)
+        files.append(image_rel)
+
+        masks: dict[str, str] = {}
+        keypoints = None
+        captions: list[str] = []
+        caption = None
+        qa: dict[str, Any] = {}
+        for note in work.annotations:
+            for part, mask in note.masks.items():
+                rel = f"masks/{item}/{part}.png"
+                store.save_image(self.out / rel, mask)
+                files.append(rel)
+                masks[part] = rel
+            if note.keypoints is not None and keypoints is None:
+                keypoints = note.keypoints
+            if note.caption and caption is None and not note.observed:
+                caption = note.caption
+            captions.extend(note.captions)
+            if note.observed and note.caption:
+                qa[f"{note.annotator}.caption"] = note.caption
+            qa.update({f"{note.annotator}.{k}": v for k, v in note.qa.items()})
+            if note.rejected:
+                qa[f"{note.annotator}.rejected"] = note.rejected
+        pose_rel = None
+        if keypoints is not None:
+            import json
+
+            pose_rel = f"poses/{item}.json"
+            store.atomic_write_text(self.out / pose_rel, json.dumps({"keypoints": keypoints}))
+            files.append(pose_rel)
+
+        refs = [self.references[r] for r in work.plan.references if r in self.references]
+        record = Record(
+            item_id=item,
+            index=work.index,
+            file_name=image_rel,
+            caption=caption,
+            captions=captions,
+            masks=masks,
+            pose=pose_rel,
+            keypoints=keypoints,
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            received_prompt=candidate.received_prompt,
+            seed=candidate.settings.seed,
+            settings=candidate.settings,
+            attributes={e.attribute: e.value for e in spec.entries},
+            bank_entries=spec.entries,
+            references=[r.id for r in refs],
+            reference_sources=[
+                {"id": r.id, "path": r.path, "source": r.source, "license": r.license}
+                for r in refs
+            ],
+            verdicts=[v.model_copy(update={"artefacts": {}}) for v in work.verdicts],
+            annotations=[n.annotator for n in work.annotations],
+            qa=qa,
+            prompt_writer=spec.writer + (" (edited)" if spec.edited else ""),
+            timings=candidate.timings,
+        )
+        row = record.model_dump(mode="json", exclude={"verdicts": {"__all__": {"artefacts"}}})
+        return row, files
+
+
+def run(request: Request, **kwargs) -> RunSummary:
+    """Resolve and run a request; the SDK's one-call entry point."""
+    return Engine(request, **kwargs).run()

@@ -1,0 +1,347 @@
+"""Tiny random-weight models of the real architectures, for smoke runs and tests.
+
+``write_smoke_models(directory)`` writes, fully offline:
+
+- ``sd15/``: a diffusers Stable Diffusion 1.5 folder (UNet, VAE, CLIP text encoder,
+  CLIP tokenizer, scheduler), saved with ``save_pretrained`` so that
+  ``StableDiffusionPipeline.from_pretrained`` loads it like a real checkpoint;
+- ``blip2/``: a BLIP-2 (OPT) model and processor, saved so that
+  ``Blip2ForConditionalGeneration`` and ``Blip2Processor`` load it;
+- ``smoke.toml``: a run config that points every local backend at those folders.
+
+The weights are random (seeded, so the files are the same on every write): the models
+run through the same code as real weights but produce noise and garbage text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from .errors import MissingDependency
+
+log = logging.getLogger(__name__)
+
+SEED = 1234
+
+# Words for the tiny BLIP-2 tokenizer: enough English that random generations read
+# as words, plus what the fashion questions use.
+WORDS = """
+a an the of and or in on at to with without for from by is are was be it this that
+what which who how where does do wearing wear wears worn person man woman girl boy
+people photo picture image background plain white black grey gray blue red green
+yellow pink purple brown beige orange navy cream gold silver dark light bright pale
+clothes clothing outfit dress shirt t-shirt blouse top jacket coat blazer sweater
+hoodie cardigan skirt pants trousers jeans shorts suit vest jumpsuit shoes boots
+sneakers heels sandals loafers bag hat cap scarf glasses sunglasses belt watch
+necklace earrings bracelet ring jewellery accessories accessory pattern patterned
+texture striped stripes floral plaid checked solid printed print denim leather cotton
+silk wool knit lace long short sleeve sleeves sleeveless casual formal elegant
+street style fashion attributes key color colour colors material fit length shape
+pose standing walking sitting posing front side back full body looking camera
+studio outdoor indoor wall street city park room floor describe detail details
+detailed look looks like has have wearing answer question yes no not very some
+two one small large big tall slim loose tight modern classic vintage simple
+""".split()
+
+PUNCTUATION = [".", ",", ":", "?", "!", "'", "-", "(", ")"]
+
+
+def write_smoke_models(directory: str | Path) -> Path:
+    """Write the tiny models and ``smoke.toml`` into ``directory``; return it."""
+    directory = Path(directory).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependency("torch", "local", "smoke models") from None
+
+    started = time.perf_counter()
+    torch.manual_seed(SEED)
+    write_sd15(directory / "sd15")
+    torch.manual_seed(SEED)
+    write_blip2(directory / "blip2")
+    write_config(directory)
+    log.info(
+        "wrote smoke models to %s in %.1f s", directory, time.perf_counter() - started
+    )
+    return directory
+
+
+# --- Stable Diffusion 1.5 --------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-to-printable-character table byte-level BPE tokenizers use."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(table.items()))
+
+
+def _clip_vocab(directory: Path) -> None:
+    """Write a CLIP-style vocab.json and merges.txt: bytes, bytes + </w>, merges."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    merges = [
+        ("t", "h"),
+        ("th", "e</w>"),
+        ("a", "n"),
+        ("an", "d</w>"),
+        ("i", "n"),
+        ("o", "n</w>"),
+        ("e", "r</w>"),
+        ("e", "s</w>"),
+    ]
+    tokens += ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_sd15(directory: Path) -> Path:
+    """A tiny SD 1.5 pipeline folder: 8x VAE, two-level UNet, four-layer CLIP."""
+    try:
+        from diffusers import (
+            AutoencoderKL,
+            DPMSolverMultistepScheduler,
+            StableDiffusionPipeline,
+            UNet2DConditionModel,
+        )
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    except ImportError as exc:
+        raise MissingDependency(
+            exc.name or "diffusers", "local", "smoke models"
+        ) from None
+
+    # vocab.json and merges.txt stay beside tokenizer.json, as in the real folders.
+    vocab_dir = directory / "tokenizer"
+    _clip_vocab(vocab_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(vocab_dir), model_max_length=77)
+
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    # Four levels, as in SD: 8x down-sampling, so 64x96 pixels are 8x12 latents.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    # SD's scaled-linear betas, as the real checkpoints' scheduler configs say.
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+# --- BLIP-2 ----------------------------------------------------------------------
+
+
+def _blip2_tokenizer():
+    """An OPT-style tokenizer (<s> <pad> </s> <unk>) over a small English word list."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    words = list(dict.fromkeys(WORDS + PUNCTUATION))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        add_bos_token=True,
+    )
+
+
+def write_blip2(directory: Path) -> Path:
+    """A tiny BLIP-2 with an OPT language model, its processor and tokenizer."""
+    try:
+        from transformers import (
+            Blip2Config,
+            Blip2ForConditionalGeneration,
+            Blip2Processor,
+            Blip2QFormerConfig,
+            Blip2VisionConfig,
+            BlipImageProcessor,
+            OPTConfig,
+        )
+    except ImportError as exc:
+        raise MissingDependency(
+            exc.name or "transformers", "local", "smoke models"
+        ) from None
+
+    num_query_tokens = 4
+    tokenizer = _blip2_tokenizer()
+    image_processor = BlipImageProcessor(
+        size={"height": 32, "width": 32},
+        do_resize=True,
+        do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    # The processor adds the <image> token to the tokenizer; the model's vocabulary
+    # and image_token_index must include it.
+    processor = Blip2Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_query_tokens=num_query_tokens,
+    )
+    image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            cross_attention_frequency=1,
+            encoder_hidden_size=32,
+            vocab_size=64,
+            max_position_embeddings=64,
+        ).to_dict(),
+        text_config=OPTConfig(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=32,
+            word_embed_proj_dim=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            bos_token_id=processor.tokenizer.bos_token_id,
+            eos_token_id=processor.tokenizer.eos_token_id,
+        ).to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_index,
+    )
+    model = Blip2ForConditionalGeneration(config)
+    model.eval()
+    model.save_pretrained(str(directory), safe_serialization=True)
+    processor.save_pretrained(str(directory))
+    return directory
+
+
+# --- the run config --------------------------------------------------------------
+
+
+def write_config(directory: Path) -> Path:
+    """``smoke.toml``: every local backend pointed at the tiny models."""
+    sd15 = (directory / "sd15").as_posix()
+    blip2 = (directory / "blip2").as_posix()
+    text = f"""\
+# A smoke run: every local backend uses the tiny random-weight models beside this
+# file (written by chatroom.smoke.write_smoke_models). The images are noise and the
+# captions garbage, so the content-judging annotator runs in observe mode: it records
+# what it would decide and rejects nothing. Tiny models run fastest on the CPU.
+
+[extractor]
+use = "blip2"
+model = "{blip2}"
+discover = 2
+max_new_tokens = 8
+device = "cpu"
+
+[generator]
+use = "diffusers"
+model = "{sd15}"
+sampler = "DPM++ 2M SDE Karras"
+steps = 2
+cfg_scale = 4.0
+width = 64
+height = 96
+clip_skip = 2
+device = "cpu"
+dtype = "float32"
+
+[generator.hires]
+enabled = true
+upscaler = "latent"
+scale = 1.5
+steps = 2
+denoise = 0.5
+
+[annotators.captions]
+use = "blip2_captions"
+model = "{blip2}"
+mode = "observe"
+max_new_tokens = 12
+device = "cpu"
+"""
+    path = directory / "smoke.toml"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,97 @@
+"""Tables for `chatroom plugins`, `chatroom domains` and `chatroom doctor`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .console import stdout
+from .manager import Plugins
+
+
+def _table(*columns):
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def show_plugins() -> None:
+    import logging
+
+    logging.getLogger("chatroom.manager").setLevel(logging.ERROR)  # listed below
+    plugins = Plugins()
+    table = _table("plugin", "version", "stages", "components")
+    for name, info in sorted(plugins.infos.items()):
+        stages = sorted(info.stages) + (["domain"] if info.domains else [])
+        parts = [c.split(":", 1)[1] for c in sorted(set(info.components))]
+        parts += [f"{d} (domain)" for d in info.domains]
+        table.add_row(name, info.version, ", ".join(stages), ", ".join(parts))
+    console = stdout()
+    console.print(table)
+    for failure in plugins.failures:
+        console.print(
+            f"failed to load: {failure.name} ({failure.module}): {failure.error}",
+            style="red", highlight=False, markup=False,
+        )
+
+
+def show_domains() -> None:
+    from .domain import load_pack
+
+    plugins = Plugins()
+    table = _table("domain", "plugin", "word", "attributes", "profiles")
+    for name, path in sorted(plugins.domains.items()):
+        pack = load_pack(path)
+        table.add_row(
+            name, plugins.domain_owners.get(name, ""), pack.word,
+            ", ".join(q.name for q in pack.attributes),
+            ", ".join(sorted(pack.profiles)),
+        )
+    stdout().print(table)
+
+
+def show_doctor(config_path, domain, overrides) -> bool:
+    """Print one row per configured component; False when something is missing."""
+    from .resolve import Request, resolve
+
+    plugins = Plugins()
+    flags = {"domain": domain} if domain else {}
+    resolved = resolve(Request(config_path, flags, overrides), plugins)
+    table = _table("component", "uses", "check", "status")
+    healthy = True
+    for stage, specs in resolved.components.items():
+        for spec in specs:
+            for check, ok, detail in _checks(spec):
+                healthy = healthy and ok
+                table.add_row(f"{stage}:{spec.key}", spec.cls.name, check,
+                              ("ok" if ok else "MISSING") + (f": {detail}" if detail else ""))
+    stdout().print(table)
+    for failure in plugins.failures:
+        stdout().print(f"plugin {failure.name} failed to load: {failure.error}",
+                       markup=False, highlight=False)
+    return healthy
+
+
+def _checks(spec):
+    """(check, ok, detail) rows from the component's declared needs and options."""
+    for library, extra in getattr(spec.cls, "requires", ()):
+        found = importlib.util.find_spec(library) is not None
+        yield f"library {library}", found, "" if found else f"pip install 'chatroom[{extra}]'"
+    options = spec.options.model_dump()
+    for key, value in options.items():
+        if key in ("model", "config", "upscaler_model", "file") and isinstance(value, str):
+            if not value:
+                continue
+            local = os.path.exists(os.path.expanduser(value))
+            hub = "/" in value and not value.startswith((".", "/", "~"))
+            yield (f"weights {key}", local or hub,
+                   "local" if local else "Hub id (needs network or cache)" if hub
+                   else f"not found: {value}")
+        if key.endswith(("api_key_env", "token_env")) and value:
+            present = bool(os.environ.get(value))
+            yield f"key ${value}", present, "set" if present else "not set"
+        if key in ("base_url", "url", "servers") and value:
+            yield f"server {key}", True, "configured (not contacted)"

@@ -1,0 +1,1 @@
+"""Built-in domain plugins: each subpackage holds a pack and registers it."""

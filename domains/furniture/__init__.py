@@ -1,0 +1,12 @@
+"""The furniture domain: the pack beside this module and furniture-only components."""
+
+from pathlib import Path
+
+from chatroom.hookspecs import hookimpl
+
+PACK = Path(__file__).parent
+
+
+@hookimpl
+def register_domains(register):
+    register(PACK)

@@ -1,0 +1,1 @@
+"""Built-in plugins, one backend a module, registered through entry points."""

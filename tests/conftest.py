@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("CHATROOM_SHARED", Path(__file__).parents[2] / "shared"))
+REFERENCES = SHARED / "data" / "reference"
+
+
+@pytest.fixture(scope="session")
+def fashion_refs() -> Path:
+    folder = REFERENCES / "fashion"
+    if not folder.is_dir():
+        pytest.fail(f"the shared reference photos are missing: {folder}")
+    return folder
+
+
+@pytest.fixture
+def few_refs(tmp_path, fashion_refs) -> Path:
+    """Three real fashion photos, downscaled, in a folder of their own."""
+    from PIL import Image
+
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    for path in sorted(fashion_refs.glob("*"))[:3]:
+        with Image.open(path) as img:
+            img.thumbnail((96, 128))
+            img.convert("RGB").save(folder / f"{path.stem}.jpg", quality=90)
+    return folder

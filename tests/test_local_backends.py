@@ -1,0 +1,637 @@
+"""The local backends (diffusers generator, BLIP-2 extractor and captions) on tiny
+random-weight models, and the logic around BLIP-2 with a scripted fake that answers
+in real English."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from chatroom.components import Context, validate_options  # noqa: E402
+from chatroom.domain import Domain  # noqa: E402
+from chatroom.errors import ConfigError, MissingDependency  # noqa: E402
+from chatroom.models import Candidate, PromptSpec, Reference  # noqa: E402
+from chatroom.plugins import blip2, diffusers_generator  # noqa: E402
+from chatroom.plugins.blip2 import (  # noqa: E402
+    Blip2Asker,
+    Blip2Captions,
+    Blip2Extractor,
+    answer_problem,
+    clean_answer,
+    parse_attributes,
+)
+from chatroom.plugins.diffusers_generator import (  # noqa: E402
+    SAMPLERS,
+    DiffusersGenerator,
+    encode_prompts,
+    hires_size,
+    make_scheduler,
+)
+from chatroom.smoke import write_smoke_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_dir(tmp_path_factory):
+    # Written once a session; test_smoke_models.py finds the same folder.
+    root = tmp_path_factory.getbasetemp() / "smoke-models"
+    if not (root / "smoke.toml").is_file():
+        write_smoke_models(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def domain():
+    return Domain(
+        name="fashion",
+        word="fashion",
+        subject="person",
+        key_attributes_question="What are the key attributes of {word}?",
+        attributes=[
+            {"name": "garment", "question": "What clothes is the person wearing?"},
+            {"name": "color", "question": "What color are the person's clothes?"},
+        ],
+        caption_questions=[
+            "Describe the person's outfit in detail.",
+            "What is the person wearing?",
+            "What does the person in the picture look like?",
+        ],
+        prompt_template="${garment}",
+        negative_prompt="lowres",
+    )
+
+
+# --- the diffusers generator -----------------------------------------------------
+
+
+def make_generator(smoke_dir, **overrides):
+    raw = {
+        "model": str(smoke_dir / "sd15"),
+        "steps": 2,
+        "cfg_scale": 4.0,
+        "width": 64,
+        "height": 96,
+        "clip_skip": 2,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    raw.update(overrides)
+    options = validate_options(DiffusersGenerator, "generator", raw)
+    return DiffusersGenerator(options, Context(domain=None))
+
+
+def spec(index, prompt="a photo of a woman in a red dress", negative="lowres"):
+    return PromptSpec(
+        index=index, item_id=f"item-{index}", prompt=prompt, negative_prompt=negative
+    )
+
+
+def pixels(candidate):
+    return np.asarray(candidate.image).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def generator(smoke_dir):
+    gen = make_generator(smoke_dir)
+    yield gen
+    gen.close()
+
+
+def test_generates_images_of_the_configured_size(generator):
+    (candidate,) = generator.generate([spec(3)], [42])
+    assert candidate.image.size == (64, 96)
+    assert candidate.index == 3 and candidate.item_id == "item-3"
+    settings = candidate.settings
+    assert settings.seed == 42
+    assert (settings.width, settings.height, settings.steps) == (64, 96, 2)
+    assert settings.sampler == "DPM++ 2M SDE Karras"
+    assert settings.clip_skip == 2 and settings.cfg_scale == 4.0
+    assert settings.model.endswith("sd15")
+    assert candidate.timings["generate"] > 0
+    assert candidate.received_prompt == "a photo of a woman in a red dress"
+    assert candidate.warnings == []
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(generator):
+    first, again, other = generator.generate([spec(0), spec(1), spec(2)], [7, 7, 8])
+    assert np.array_equal(pixels(first), pixels(again))
+    assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_batch_equals_singles(smoke_dir, generator):
+    batched = make_generator(smoke_dir, batch_size=2)
+    pair = batched.generate([spec(0), spec(1, "a man in a coat")], [11, 12])
+    singles = [
+        generator.generate([spec(0)], [11])[0],
+        generator.generate([spec(1, "a man in a coat")], [12])[0],
+    ]
+    for together, alone in zip(pair, singles, strict=True):
+        # Same noise per item; only CPU float rounding of batched kernels may move a
+        # pixel by one level.
+        diff = np.abs(pixels(together) - pixels(alone))
+        assert diff.max() <= 2
+        assert diff.mean() < 0.05
+    assert not np.array_equal(pixels(pair[0]), pixels(pair[1]))
+
+
+def test_clip_skip_applies_to_positive_and_negative(generator):
+    import torch
+
+    pipe = generator.load()
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    prompts = ["a red dress, long sleeves", "lowres, blurry"]
+    last, _, _ = encode_prompts(tokenizer, encoder, prompts, clip_skip=1)
+    penultimate, _, _ = encode_prompts(tokenizer, encoder, prompts, clip_skip=2)
+    assert last.shape == penultimate.shape == (2, 77, 32)
+    for row in range(2):
+        assert not torch.allclose(last[row], penultimate[row])
+
+    # WebUI semantics: skip n = the n-th hidden state from the end, then the final
+    # layer norm; skip 1 is the ordinary last hidden state.
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=77,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        out = encoder(ids, output_hidden_states=True)
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        assert torch.allclose(last, out.last_hidden_state)
+        assert torch.allclose(penultimate, norm(out.hidden_states[-2]))
+
+
+def test_generator_encodes_negative_prompt_with_clip_skip(generator, monkeypatch):
+    calls = []
+
+    def spy(tokenizer, encoder, prompts, clip_skip):
+        calls.append((list(prompts), clip_skip))
+        return encode_prompts(tokenizer, encoder, prompts, clip_skip)
+
+    monkeypatch.setattr(diffusers_generator, "encode_prompts", spy)
+    generator.generate([spec(0, "a coat", "ugly")], [1])
+    assert calls == [(["a coat"], 2), (["ugly"], 2)]
+
+
+def test_long_prompt_is_truncated_with_a_warning(generator):
+    prompt = ", ".join(["red dress"] * 60)
+    (candidate,) = generator.generate([spec(0, prompt)], [1])
+    assert candidate.warnings and "truncated" in candidate.warnings[0]
+    received = candidate.received_prompt
+    assert received and prompt.startswith(received) and len(received) < len(prompt)
+
+
+def test_weighted_prompt_is_flagged(generator):
+    (candidate,) = generator.generate([spec(0, "(photorealistic:1.4), a coat")], [1])
+    assert any("weighting" in w for w in candidate.warnings)
+
+
+def test_hires_needs_a_denoise_in_range(smoke_dir):
+    hires = {"enabled": True, "upscaler": "latent", "denoise": 0.0}
+    with pytest.raises(ConfigError, match="denoise"):
+        make_generator(smoke_dir, hires=hires)
+
+
+def test_unknown_sampler_lists_known_names(smoke_dir):
+    with pytest.raises(ConfigError) as err:
+        make_generator(smoke_dir, sampler="DPM++ 3M Turbo")
+    message = str(err.value)
+    assert "sampler" in message and "DPM++ 3M Turbo" in message
+    for name in ("DPM++ 2M SDE Karras", "DPM++ 2M Karras", "Euler a", "DDIM", "UniPC"):
+        assert name in message
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_builds_on_sd_betas(generator, sampler):
+    scheduler = make_scheduler(sampler, generator.load().scheduler.config)
+    assert type(scheduler).__name__ == SAMPLERS[sampler][0]
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert scheduler.config.beta_start == 0.00085
+
+
+def test_dpmpp_2m_sde_karras_mapping(generator):
+    scheduler = generator.load().scheduler
+    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert scheduler.config.algorithm_type == "sde-dpmsolver++"
+    assert scheduler.config.use_karras_sigmas is True
+    karras = make_scheduler("DPM++ 2M Karras", scheduler.config)
+    assert karras.config.algorithm_type == "dpmsolver++"
+    assert karras.config.use_karras_sigmas is True
+    euler_a = make_scheduler("Euler a", scheduler.config)
+    assert type(euler_a).__name__ == "EulerAncestralDiscreteScheduler"
+
+
+def test_esrgan_upscaler_is_a_clear_error(smoke_dir):
+    hires = {"enabled": True, "upscaler": "R-ESRGAN 4x+", "scale": 2.0}
+    with pytest.raises(ConfigError) as err:
+        make_generator(smoke_dir, hires=hires)
+    message = str(err.value)
+    assert "R-ESRGAN 4x+" in message and "lanczos" in message and "latent" in message
+    # Disabled, the same upscaler is no obstacle.
+    make_generator(smoke_dir, hires={**hires, "enabled": False})
+
+
+def test_empty_model_says_what_to_set(smoke_dir):
+    with pytest.raises(ConfigError, match="generator.model"):
+        make_generator(smoke_dir, model="")
+
+
+def test_single_file_without_config_fails_fast(smoke_dir, tmp_path):
+    checkpoint = tmp_path / "majicmixRealistic_v6.safetensors"
+    checkpoint.write_bytes(b"")
+    gen = make_generator(smoke_dir, model=str(checkpoint))
+    with pytest.raises(ConfigError, match="generator.config"):
+        gen.load()
+    gen = make_generator(smoke_dir, model=str(checkpoint), config=str(tmp_path))
+    with pytest.raises(ConfigError, match="model_index.json"):
+        gen.load()
+
+
+def test_hires_size_rounds_to_multiples_of_8():
+    assert hires_size(64, 96, 1.5) == (96, 144)
+    assert hires_size(512, 768, 2.0) == (1024, 1536)
+    assert hires_size(64, 96, 1.3) == (80, 128)
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_hires_output_is_base_times_scale(smoke_dir, upscaler):
+    hires = {
+        "enabled": True,
+        "upscaler": upscaler,
+        "scale": 1.5,
+        "steps": 2,
+        "denoise": 0.5,
+    }
+    gen = make_generator(smoke_dir, hires=hires)
+    first, again = gen.generate([spec(0), spec(1)], [5, 5])
+    assert first.image.size == (96, 144)
+    assert first.settings.hires.enabled and first.settings.hires.upscaler == upscaler
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_describe_hashes_the_model(smoke_dir, generator):
+    info = generator.describe()
+    expected = hashlib.sha256(
+        (smoke_dir / "sd15" / "model_index.json").read_bytes()
+    ).hexdigest()
+    assert info["sha256"] == expected
+    assert info["model"] == str(smoke_dir / "sd15")
+    assert info["diffusers"]
+
+
+# --- plugin plumbing ---------------------------------------------------------------
+
+
+def test_plugins_register_their_components():
+    registered = []
+    diffusers_generator.register_generators(registered.append)
+    blip2.register_extractors(registered.append)
+    blip2.register_annotators(registered.append)
+    assert registered == [DiffusersGenerator, Blip2Extractor, Blip2Captions]
+    assert [c.name for c in registered] == ["diffusers", "blip2", "blip2_captions"]
+    for component in registered:
+        for generic in ("use", "mode", "enabled"):
+            assert generic not in component.Options.model_fields
+
+
+def test_plugin_modules_do_not_import_heavy_libraries():
+    code = (
+        "import sys, chatroom.plugins.blip2, chatroom.plugins.diffusers_generator\n"
+        "heavy = ('torch', 'diffusers', 'transformers')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_library_names_the_extra(smoke_dir, domain, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    extractor = make_extractor(smoke_dir, domain)
+    with pytest.raises(MissingDependency, match=r"chatroom\[transformers\]"):
+        extractor.load()
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(MissingDependency, match=r"chatroom\[diffusers\]"):
+        make_generator(smoke_dir).load()
+
+
+# --- BLIP-2: the guard -----------------------------------------------------------
+
+QUESTION = "What clothes is the person wearing?"
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ("a black leather jacket and jeans", None),
+        ("blue", None),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("What clothes is the person wearing", "echo"),
+        ("the person is wearing clothes", "echo"),
+        ("Question: what is the person wearing? Answer: a dress", "echo"),
+        ("dress dress dress", "repetitive"),
+        ("red blue red blue red blue red blue", "repetitive"),
+        ("lalalalalalala", "repetitive"),
+        ("#### 1234 ??? 5678", "not words"),
+        ("a qwertyuiopasdfghjklzxcvbnmpoiuytrewq", "not words"),
+    ],
+)
+def test_answer_guard(answer, problem):
+    assert answer_problem(answer, QUESTION) == problem
+
+
+def test_clean_answer():
+    assert clean_answer("  Answer: a red   dress. ") == "a red dress"
+    assert clean_answer('"jeans",') == "jeans"
+
+
+def test_parse_attributes():
+    answer = "Color, fabric and sleeve length; the fit, fashion, 1234, a neckline"
+    known = ["color", "fashion", "person"]
+    assert parse_attributes(answer, known, 3) == ["fabric", "sleeve_length", "fit"]
+    assert parse_attributes(answer, known, 0) == []
+    assert parse_attributes("colors, patterns", ["color", "pattern"], 3) == []
+
+
+# --- BLIP-2: scripted fake VLM -----------------------------------------------------
+
+
+class ScriptedVLM:
+    """Stands in for the model call: answers by question, beam count and image width.
+
+    ``script[(question, beams)][width]`` is the raw text the model "generates"; every
+    call is recorded with the widths of the images it got.
+    """
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def __call__(self, images, question, num_beams=1):
+        widths = [im.size[0] for im in images]
+        self.calls.append((question, num_beams, widths))
+        answers = self.script.get((question, num_beams), {})
+        return [answers.get(w, "") for w in widths]
+
+
+def make_extractor(smoke_dir, domain, cache=None, **overrides):
+    raw = {"model": str(smoke_dir / "blip2"), "device": "cpu", "max_new_tokens": 8}
+    raw.update(overrides)
+    options = validate_options(Blip2Extractor, "extractor", raw)
+    return Blip2Extractor(options, Context(domain=domain, cache=cache))
+
+
+def make_captions(smoke_dir, domain, **overrides):
+    raw = {"model": str(smoke_dir / "blip2"), "device": "cpu", "max_new_tokens": 12}
+    raw.update(overrides)
+    options = validate_options(Blip2Captions, "annotator", raw)
+    return Blip2Captions(options, Context(domain=domain))
+
+
+def fake_references(tmp_path, widths):
+    refs = []
+    for width in widths:
+        path = tmp_path / f"ref{width}.png"
+        Image.new("RGB", (width, 20), (width, 0, 0)).save(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        refs.append(
+            Reference(
+                id=f"ref{width}", path=str(path), sha256=digest, width=width, height=20
+            )
+        )
+    return refs
+
+
+class DictCache:
+    def __init__(self):
+        self.data = {}
+        self.gets = 0
+
+    def get(self, key):
+        self.gets += 1
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+
+
+KEY_Q = "What are the key attributes of fashion?"
+GARMENT_Q = "What clothes is the person wearing?"
+COLOR_Q = "What color are the person's clothes?"
+FABRIC_Q = "What is the fabric of the person?"
+NECKLINE_Q = "What is the neckline of the person?"
+
+EXTRACTOR_SCRIPT = {
+    (KEY_Q, 1): {10: "colour, fabric and neckline, the color, shoes"},
+    (GARMENT_Q, 1): {10: "a black leather jacket.", 11: ""},
+    (GARMENT_Q, 3): {11: "a white shirt"},
+    (COLOR_Q, 1): {10: "What color are the person's clothes", 11: "blue"},
+    (COLOR_Q, 3): {10: "color color color color"},
+    (FABRIC_Q, 1): {10: "leather", 11: "cotton"},
+    (NECKLINE_Q, 1): {10: "v neck v neck v neck v neck", 11: "round"},
+    (NECKLINE_Q, 3): {10: "Answer: v-neck"},
+}
+
+
+def test_extractor_with_scripted_answers(smoke_dir, domain, tmp_path, monkeypatch):
+    fake = ScriptedVLM(EXTRACTOR_SCRIPT)
+    monkeypatch.setattr(
+        Blip2Asker, "_generate_answers", lambda self, *a, **k: fake(*a, **k)
+    )
+    refs = fake_references(tmp_path, [10, 11])
+    bank = make_extractor(smoke_dir, domain, discover=2).extract(refs, domain)
+
+    # "colour" is new (a spelling is not a known name); "the color" is known.
+    assert bank.discovered == ["colour", "fabric"]
+    assert bank.attributes == ["garment", "color", "colour", "fabric"]
+    got = {(e.attribute, e.reference): e.value for e in bank.entries}
+    assert got == {
+        ("garment", "ref10"): "a black leather jacket",
+        ("garment", "ref11"): "a white shirt",  # empty, then beam search
+        ("color", "ref11"): "blue",  # ref10: echo, then a loop: skipped
+        ("fabric", "ref10"): "leather",
+        ("fabric", "ref11"): "cotton",
+    }
+    assert all(e.question for e in bank.entries)
+    # The key question goes to the first reference only; one retry per bad answer.
+    assert fake.calls[0] == (KEY_Q, 1, [10])
+    assert (GARMENT_Q, 1, [10, 11]) in fake.calls
+    assert (GARMENT_Q, 3, [11]) in fake.calls
+    assert (COLOR_Q, 3, [10]) in fake.calls
+    assert not any(q == FABRIC_Q and beams == 3 for q, beams, _ in fake.calls)
+
+
+def test_cache_hit_does_not_ask_again(smoke_dir, domain, tmp_path, monkeypatch):
+    fake = ScriptedVLM(EXTRACTOR_SCRIPT)
+    monkeypatch.setattr(
+        Blip2Asker, "_generate_answers", lambda self, *a, **k: fake(*a, **k)
+    )
+    refs = fake_references(tmp_path, [10, 11])
+    cache = DictCache()
+    first = make_extractor(smoke_dir, domain, cache=cache, discover=2).extract(
+        refs, domain
+    )
+    assert fake.calls
+    model = str(smoke_dir / "blip2")
+    key = f"blip2:{model}:{refs[0].sha256}:{GARMENT_Q}"
+    assert cache.data[key] == "a black leather jacket"
+    assert cache.data[f"blip2:{model}:{refs[0].sha256}:{COLOR_Q}"] == ""  # unusable
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the model was asked although the cache had the answer")
+
+    monkeypatch.setattr(Blip2Asker, "_generate_answers", refuse)
+    again = make_extractor(smoke_dir, domain, cache=cache, discover=2).extract(
+        refs, domain
+    )
+    assert again.model_dump() == first.model_dump()
+    assert cache.gets > 0
+
+
+def caption_candidates(widths):
+    out = []
+    for i, width in enumerate(widths):
+        image = Image.new("RGB", (width, 20), "white") if width else None
+        out.append(
+            Candidate(
+                index=i,
+                item_id=f"c{i}",
+                spec=spec(i),
+                settings={"seed": i},
+                image=image,
+            )
+        )
+    return out
+
+
+CQ1 = "Describe the person's outfit in detail."
+CQ2 = "What is the person wearing?"
+CQ3 = "What does the person in the picture look like?"
+CAPTION_SCRIPT = {
+    (CQ1, 1): {
+        10: "a woman in a long red dress with a black belt",
+        11: "a dress",
+        12: "",
+    },
+    (CQ1, 3): {12: "describe the person's outfit in detail"},
+    (CQ2, 1): {11: "shirt shirt shirt shirt", 12: "What is the person wearing?"},
+    (CQ2, 3): {11: "", 12: "#### ####"},
+    (CQ3, 1): {11: "a tall man wearing a grey coat and white sneakers", 12: ""},
+    (CQ3, 3): {12: "the the the the"},
+}
+
+
+def test_captions_fall_back_in_order_and_reject(smoke_dir, domain, monkeypatch):
+    fake = ScriptedVLM(CAPTION_SCRIPT)
+    monkeypatch.setattr(
+        Blip2Asker, "_generate_answers", lambda self, *a, **k: fake(*a, **k)
+    )
+    candidates = caption_candidates([10, 11, 12, 0])
+    annotations = make_captions(smoke_dir, domain, min_words=5).annotate(
+        candidates, [[] for _ in candidates]
+    )
+    first, fallback, rejected, no_image = annotations
+
+    assert first.caption == "a woman in a long red dress with a black belt"
+    assert first.captions == [first.caption] and first.rejected is None
+
+    # "a dress" is sensible but short; question 2 loops; question 3 is usable.
+    assert fallback.caption == "a tall man wearing a grey coat and white sneakers"
+    assert fallback.captions == ["a dress", fallback.caption]
+
+    assert rejected.caption is None
+    assert rejected.rejected.startswith("no usable caption:")
+    assert "echo" in rejected.rejected and "empty" in rejected.rejected
+    assert no_image.rejected == "no image"
+    assert all(a.annotator == "blip2_captions" for a in annotations)
+
+    # Images with the same question go together; only the undecided go on.
+    greedy = [(q, widths) for q, beams, widths in fake.calls if beams == 1]
+    assert greedy == [(CQ1, [10, 11, 12]), (CQ2, [11, 12]), (CQ3, [11, 12])]
+
+
+# --- BLIP-2: the tiny real model ---------------------------------------------------
+
+
+def real_references(folder, count):
+    paths = sorted(p for p in folder.iterdir() if p.suffix in (".jpg", ".png"))
+    refs = []
+    for path in paths[:count]:
+        with Image.open(path) as im:
+            width, height = im.size
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        refs.append(
+            Reference(
+                id=path.stem, path=str(path), sha256=digest, width=width, height=height
+            )
+        )
+    return refs
+
+
+def test_extractor_on_real_photos(smoke_dir, domain, fashion_refs, monkeypatch):
+    raw_answers = []
+    real = Blip2Asker._generate_answers
+
+    def record(self, images, question, num_beams=1):
+        out = real(self, images, question, num_beams)
+        raw_answers.append((question, num_beams, out))
+        return out
+
+    monkeypatch.setattr(Blip2Asker, "_generate_answers", record)
+    refs = real_references(fashion_refs, 2)
+    cache = DictCache()
+    extractor = make_extractor(smoke_dir, domain, cache=cache, discover=2)
+    bank = extractor.extract(refs, domain)
+    extractor.close()
+
+    assert bank.domain == "fashion" and bank.extractor == "blip2"
+    assert bank.attributes[:2] == ["garment", "color"]
+    assert len(bank.discovered) <= 2
+    # Random weights answer garbage: whatever reached the bank passed the guard,
+    # and every greedy answer the guard refused was asked again with beams.
+    for entry in bank.entries:
+        assert entry.reference in {r.id for r in refs}
+        assert answer_problem(entry.value, entry.question) is None
+    for question, beams, answers in raw_answers:
+        if beams != 1:
+            continue
+        bad = [a for a in answers if answer_problem(clean_answer(a), question)]
+        retried = [c for c in raw_answers if c[0] == question and c[1] == 3]
+        assert bool(bad) == bool(retried)
+    asked = {q for q, _, _ in raw_answers}
+    assert {GARMENT_Q, COLOR_Q} <= asked
+    assert len(cache.data) == 1 + len(bank.attributes) * len(refs)
+
+
+def test_captions_on_generated_images(smoke_dir, domain, generator):
+    candidates = generator.generate([spec(0), spec(1)], [1, 2])
+    annotator = make_captions(smoke_dir, domain, min_words=2, batch_size=2)
+    annotations = annotator.annotate(candidates, [[], []])
+    annotator.close()
+    assert len(annotations) == 2
+    for annotation in annotations:
+        assert annotation.annotator == "blip2_captions"
+        if annotation.rejected is None:
+            assert len(annotation.caption.split()) >= 2
+            assert answer_problem(annotation.caption, CQ1) is None
+        else:
+            assert annotation.rejected.startswith("no usable caption:")
+
+
+def test_blip2_missing_folder_is_a_config_error(domain, tmp_path):
+    extractor = make_extractor(tmp_path, domain)
+    with pytest.raises(ConfigError, match="does not exist"):
+        extractor.load()
+    (tmp_path / "blip2").mkdir()
+    with pytest.raises(ConfigError, match="cannot load BLIP-2 model"):
+        make_extractor(tmp_path, domain).load()

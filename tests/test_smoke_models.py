@@ -1,0 +1,149 @@
+"""The tiny random-weight models load with the libraries' own loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from chatroom.components import validate_options  # noqa: E402
+from chatroom.plugins.blip2 import Blip2Captions, Blip2Extractor  # noqa: E402
+from chatroom.plugins.diffusers_generator import DiffusersGenerator  # noqa: E402
+from chatroom.smoke import write_smoke_models  # noqa: E402
+
+GENERIC_KEYS = ("use", "mode", "enabled")
+
+
+@pytest.fixture(scope="session")
+def smoke_dir(tmp_path_factory):
+    # Written once a session; test_local_backends.py finds the same folder.
+    root = tmp_path_factory.getbasetemp() / "smoke-models"
+    if not (root / "smoke.toml").is_file():
+        write_smoke_models(root)
+    return root
+
+
+def _digests(root):
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.safetensors"))
+    }
+
+
+def test_writes_small_model_folders(smoke_dir):
+    for name in (
+        "sd15/model_index.json",
+        "sd15/unet/diffusion_pytorch_model.safetensors",
+        "sd15/vae/diffusion_pytorch_model.safetensors",
+        "sd15/text_encoder/model.safetensors",
+        "sd15/tokenizer/vocab.json",
+        "sd15/tokenizer/merges.txt",
+        "sd15/scheduler/scheduler_config.json",
+        "blip2/config.json",
+        "blip2/model.safetensors",
+        "blip2/processor_config.json",
+        "smoke.toml",
+    ):
+        assert (smoke_dir / name).is_file(), name
+    total = sum(p.stat().st_size for p in smoke_dir.rglob("*") if p.is_file())
+    assert total < 30 * 1024 * 1024
+
+
+def test_weights_are_deterministic(smoke_dir, tmp_path):
+    again = write_smoke_models(tmp_path / "again")
+    assert _digests(again) == _digests(smoke_dir)
+    assert len(_digests(again)) == 4  # unet, vae, text encoder, blip2
+
+
+def test_sd15_loads_with_diffusers(smoke_dir):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(smoke_dir / "sd15"), safety_checker=None, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 8
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    ids = pipe.tokenizer("the red dress and shoes").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id
+    assert ids[-1] == pipe.tokenizer.eos_token_id
+    assert pipe.tokenizer.decode(ids, skip_special_tokens=True) == (
+        "the red dress and shoes"
+    )
+
+    image = pipe(
+        "a photo",
+        width=64,
+        height=96,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 96)
+
+
+def test_blip2_loads_with_transformers(smoke_dir):
+    import torch
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(
+        str(smoke_dir / "blip2"), local_files_only=True
+    )
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        str(smoke_dir / "blip2"), local_files_only=True
+    )
+    config = model.config
+    assert processor.num_query_tokens == config.num_query_tokens == 4
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == (
+        config.image_token_index
+    )
+
+    image = Image.new("RGB", (40, 60), "white")
+    inputs = processor(
+        images=[image],
+        text=["Question: What is the person wearing? Answer:"],
+        return_tensors="pt",
+    )
+    # The processor puts one image token per query before the text.
+    ids = inputs["input_ids"][0].tolist()
+    assert ids[: config.num_query_tokens] == [config.image_token_index] * 4
+    assert ids.count(config.image_token_index) == config.num_query_tokens
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 32, 32)
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > len(ids)
+    assert isinstance(processor.tokenizer.decode(out[0, len(ids) :]), str)
+
+
+def test_smoke_config_points_at_the_models(smoke_dir):
+    config = tomllib.loads((smoke_dir / "smoke.toml").read_text(encoding="utf-8"))
+    assert config["extractor"]["use"] == "blip2"
+    assert config["generator"]["use"] == "diffusers"
+    assert config["generator"]["hires"] == {
+        "enabled": True,
+        "upscaler": "latent",
+        "scale": 1.5,
+        "steps": 2,
+        "denoise": 0.5,
+    }
+    assert config["annotators"]["captions"]["mode"] == "observe"
+
+    # Each section is valid for its component once the engine's generic keys go.
+    sections = [
+        (Blip2Extractor, config["extractor"]),
+        (DiffusersGenerator, config["generator"]),
+        (Blip2Captions, config["annotators"]["captions"]),
+    ]
+    for component, raw in sections:
+        options = {k: v for k, v in raw.items() if k not in GENERIC_KEYS}
+        validated = validate_options(component, component.stage, options)
+        assert (smoke_dir / validated.model.split("/")[-1]).is_dir()
+        for key in GENERIC_KEYS:
+            assert key not in component.Options.model_fields
