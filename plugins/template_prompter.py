@@ -33,10 +33,16 @@ def clean_value(text: str, max_words: int) -> str:
     return " ".join(words[:max_words])
 
 
+# dynamicprompts needs a value for every variable; a missing attribute gets this word,
+# which ``tidy`` removes again.
+EMPTY = "EMPTYATTRIBUTE"
+EMPTY_WEIGHT = re.compile(r"^[(\[]\s*(:\s*[\d.]+)?\s*[)\]]$")
+
+
 def tidy(prompt: str) -> str:
-    """Collapse the empty slots that missing attributes leave behind."""
-    parts = [p.strip() for p in prompt.split(",")]
-    return ", ".join(p for p in parts if p)
+    """Remove the slots that missing attributes leave behind."""
+    parts = [" ".join(p.replace(EMPTY, " ").split()) for p in prompt.split(",")]
+    return ", ".join(p for p in parts if p and not EMPTY_WEIGHT.match(p))
 
 
 class TemplatePrompter(Prompter):
@@ -63,9 +69,10 @@ class TemplatePrompter(Prompter):
         names = {q.name for q in domain.attributes}
         out = []
         for item in items:
-            values = {name: "" for name in names}
+            values = dict.fromkeys(names, EMPTY)
             for entry in item.entries:
-                values[entry.attribute] = clean_value(entry.value, self.options.max_value_words)
+                value = clean_value(entry.value, self.options.max_value_words)
+                values[entry.attribute] = value or EMPTY
             header = "".join(f"${{{k}={v}}}" for k, v in sorted(values.items()))
             try:
                 text = self._dynamic().generate(header + template, 1, seeds=[item.seed])[0]
