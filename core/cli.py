@@ -13,6 +13,17 @@ from .errors import ChatroomError
 log = logging.getLogger("chatroom")
 
 
+def _quiet_libraries() -> None:
+    """Model libraries print progress bars and notices; the CLI owns the terminal."""
+    for name, value in (
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ):
+        os.environ.setdefault(name, value)
+
+
 def _setup_logging(verbose: int) -> None:
     level_name = os.environ.get("CHATROOM_LOG", "").upper()
     level = getattr(logging, level_name, None) if level_name else None
@@ -45,6 +56,7 @@ class Main(click.Group):
 @click.version_option(package_name="chatroom")
 def main(verbose: int) -> None:
     """Build annotated image datasets from a domain word and reference images."""
+    _quiet_libraries()
     _setup_logging(verbose)
 
 
@@ -118,9 +130,12 @@ def smoke_models(directory):
     """Write tiny random-weight models and DIRECTORY/smoke.toml to check an install."""
     from .smoke import write_smoke_models
 
-    path = write_smoke_models(directory)
-    click.echo(f"wrote {path}")
-    click.echo(f"try: chatroom run -c {path} --references REFS -n 8 -o OUT")
+    from pathlib import Path
+
+    path = Path(write_smoke_models(directory))
+    config = path if path.suffix == ".toml" else path / "smoke.toml"
+    click.echo(f"wrote {config}")
+    click.echo(f"try: chatroom run -c {config} --references REFS -n 8 -o OUT")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -639,11 +639,9 @@ class Engine:
                 masks[part] = rel
             if note.keypoints is not None and keypoints is None:
                 keypoints = note.keypoints
-            if note.caption and caption is None and not note.observed:
+            if note.caption and caption is None:
                 caption = note.caption
             captions.extend(note.captions)
-            if note.observed and note.caption:
-                qa[f"{note.annotator}.caption"] = note.caption
             qa.update({f"{note.annotator}.{k}": v for k, v in note.qa.items()})
             if note.rejected:
                 qa[f"{note.annotator}.rejected"] = note.rejected

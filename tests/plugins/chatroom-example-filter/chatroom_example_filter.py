@@ -8,16 +8,18 @@ by naming it in a config::
     max_mean = 180
 """
 
-from pydantic import Field
-
 from chatroom.components import Filter, Options
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Verdict
+from pydantic import Field
 
 
 class MaxBrightnessOptions(Options):
     max_mean: float = Field(
-        200.0, ge=0, le=255, description="Reject when the mean pixel value (0-255) is higher."
+        200.0,
+        ge=0,
+        le=255,
+        description="Reject when the mean pixel value (0-255) is higher.",
     )
 
 
@@ -39,7 +41,9 @@ class MaxBrightness(Filter):
         limit = self.options.max_mean
         if mean > limit:
             return Verdict(
-                filter=self.name, passed=False, scores={"mean": mean},
+                filter=self.name,
+                passed=False,
+                scores={"mean": mean},
                 reason=f"too bright: mean pixel value {mean:.2f} is above {limit:.2f}",
             )
         return Verdict(filter=self.name, passed=True, scores={"mean": mean})
