@@ -34,7 +34,9 @@ def _setup_logging(verbose: int) -> None:
     from .console import stderr
 
     handler = RichHandler(console=stderr(), show_path=False, rich_tracebacks=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[handler], force=True
+    )
 
 
 class Main(click.Group):
@@ -61,22 +63,48 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config.")
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config."
+)
 @click.option("--domain", help="Domain name (see `chatroom domains`) or pack folder.")
 @click.option("--profile", help="A profile of the domain pack, e.g. paper or offline.")
 @click.option("--references", type=click.Path(), help="Folder of reference images.")
 @click.option("-n", "--count", type=int, help="Records to produce.")
-@click.option("-o", "--output", type=click.Path(), help="Run folder (resumed if it exists).")
+@click.option(
+    "-o", "--output", type=click.Path(), help="Run folder (resumed if it exists)."
+)
 @click.option("--seed", type=int, help="Base seed; item i uses seed + i.")
 @click.option("--reference-sample", type=int, help="Use a seeded random K references.")
 @click.option("--max-candidates", type=int, help="Budget: most candidates to generate.")
-@click.option("--stop-after", type=click.Choice(["attributes", "prompts"]),
-              help="Stop after writing this file, to review or edit it.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting, e.g. --set generator.cfg_scale=4 (repeatable).")
-@click.option("--fresh", is_flag=True, help="Discard an earlier run in the output folder.")
-def run(config_path, domain, profile, references, count, output, seed, reference_sample,
-        max_candidates, stop_after, overrides, fresh):
+@click.option(
+    "--stop-after",
+    type=click.Choice(["attributes", "prompts"]),
+    help="Stop after writing this file, to review or edit it.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a setting, e.g. --set generator.cfg_scale=4 (repeatable).",
+)
+@click.option(
+    "--fresh", is_flag=True, help="Discard an earlier run in the output folder."
+)
+def run(
+    config_path,
+    domain,
+    profile,
+    references,
+    count,
+    output,
+    seed,
+    reference_sample,
+    max_candidates,
+    stop_after,
+    overrides,
+    fresh,
+):
     """Generate a dataset: extract, prompt, generate, filter, annotate, write."""
     from .runview import run_with_display
 
@@ -113,7 +141,9 @@ def domains():
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config.")
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config."
+)
 @click.option("--domain", help="Domain name or pack folder.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def doctor(config_path, domain, overrides):
@@ -128,9 +158,9 @@ def doctor(config_path, domain, overrides):
 @click.argument("directory", type=click.Path())
 def smoke_models(directory):
     """Write tiny random-weight models and DIRECTORY/smoke.toml to check an install."""
-    from .smoke import write_smoke_models
-
     from pathlib import Path
+
+    from .smoke import write_smoke_models
 
     path = Path(write_smoke_models(directory))
     config = path if path.suffix == ".toml" else path / "smoke.toml"

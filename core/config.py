@@ -77,7 +77,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b.c=value`` -> nested dict; the value is read as TOML, else as a string."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. generator.steps=20")
+        raise ConfigError(
+            f"--set {text!r}: expected KEY=VALUE, e.g. generator.steps=20"
+        )
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
@@ -169,5 +171,7 @@ def is_secret(key: str) -> bool:
 
 def redact(flat: dict[str, Any]) -> dict[str, Any]:
     """Replace the value of every secret-looking key with a marker."""
-    return {k: ("<redacted>" if is_secret(k) and v not in (None, "") else v)
-            for k, v in flat.items()}
+    return {
+        k: ("<redacted>" if is_secret(k) and v not in (None, "") else v)
+        for k, v in flat.items()
+    }

@@ -130,5 +130,8 @@ def resolve_domain(name_or_path: str, packs: dict[str, Path]) -> Domain:
         return load_pack(packs[name_or_path])
     if candidate.is_dir():
         return load_pack(candidate)
-    hint = closest(name_or_path, packs) or f" (known: {', '.join(sorted(packs)) or 'none'})"
+    hint = (
+        closest(name_or_path, packs)
+        or f" (known: {', '.join(sorted(packs)) or 'none'})"
+    )
     raise PluginError(f"unknown domain '{name_or_path}'{hint}")

@@ -13,14 +13,16 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import journal as jr
 from . import store
 from .components import Component, Context
 from .errors import ChatroomError, InputError, ResumeError
+from .manager import Plugins
 from .models import (
     Annotation,
     AttributeBank,
@@ -35,7 +37,6 @@ from .models import (
     Verdict,
 )
 from .plan import plan_item
-from .manager import Plugins
 from .references import load_references
 from .resolve import ComponentSpec, Request, Resolved, changed_keys, resolve
 from .runinfo import run_info
@@ -77,8 +78,15 @@ class Work:
     def index(self) -> int:
         return self.plan.index
 
-    def decide(self, outcome: str, stage: str, component: str, reason: str, scores=None):
-        self.outcome, self.stage, self.component, self.reason = outcome, stage, component, reason
+    def decide(
+        self, outcome: str, stage: str, component: str, reason: str, scores=None
+    ):
+        self.outcome, self.stage, self.component, self.reason = (
+            outcome,
+            stage,
+            component,
+            reason,
+        )
         self.scores = dict(scores or {})
 
 
@@ -202,7 +210,9 @@ class Engine:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise InputError(f"output folder cannot be written: {out} ({exc.strerror})") from None
+            raise InputError(
+                f"output folder cannot be written: {out} ({exc.strerror})"
+            ) from None
         run_json = out / "run.json"
         if run_json.exists():
             import json
@@ -226,7 +236,9 @@ class Engine:
                 self._wipe(out)
         elif any(out.iterdir()) and not (out / "journal.sqlite").exists():
             stray = sorted(p.name for p in out.iterdir())[:3]
-            if not self.fresh and not set(stray) <= set(RUN_FILES) | set(store.DATA_DIRS):
+            if not self.fresh and not set(stray) <= set(RUN_FILES) | set(
+                store.DATA_DIRS
+            ):
                 raise ResumeError(
                     f"{out} is not empty and holds no chatroom run ({', '.join(stray)}...); "
                     "choose an empty or new folder"
@@ -249,7 +261,9 @@ class Engine:
 
     def _rewrite_jsonl(self) -> None:
         store.write_jsonl(self.out / "metadata.jsonl", self.journal.records(jr.WRITTEN))
-        store.write_jsonl(self.out / "rejected.jsonl", self.journal.records(jr.REJECTED))
+        store.write_jsonl(
+            self.out / "rejected.jsonl", self.journal.records(jr.REJECTED)
+        )
         failures = self.journal.failures() + self.journal.records(jr.FAILED)
         store.write_jsonl(self.out / "failures.jsonl", failures)
 
@@ -263,15 +277,21 @@ class Engine:
         import json
 
         info = run_info(self, status, summary)
-        store.atomic_write_text(self.out / "run.json", json.dumps(info, indent=2, default=str))
+        store.atomic_write_text(
+            self.out / "run.json", json.dumps(info, indent=2, default=str)
+        )
 
     # --- components ----------------------------------------------------------------
 
     def instance(self, spec: ComponentSpec) -> Component:
         key = f"{spec.stage}:{spec.key}"
         if key not in self._instances:
-            context = Context(self.domain, cache=self.journal, workdir=self.out,
-                              seed=self.settings.seed)
+            context = Context(
+                self.domain,
+                cache=self.journal,
+                workdir=self.out,
+                seed=self.settings.seed,
+            )
             self._instances[key] = spec.cls(spec.options, context)
         return self._instances[key]
 
@@ -320,7 +340,10 @@ class Engine:
         message = ""
         if status == "budget exhausted":
             top = sorted(by_reason.items(), key=lambda kv: -kv[1])[:3]
-            why = "; ".join(f"{n} x {r}" for r, n in top) or "failures, see failures.jsonl"
+            why = (
+                "; ".join(f"{n} x {r}" for r, n in top)
+                or "failures, see failures.jsonl"
+            )
             message = (
                 f"budget of {budget} candidates used up: {written} of "
                 f"{self.settings.count} records passed ({why}); raise max_candidates "
@@ -352,15 +375,23 @@ class Engine:
                 raise InputError(f"{path}: {str(exc).splitlines()[0]}") from None
             attributes = list(dict.fromkeys(e.attribute for e in entries))
             spec = self.resolved.one("extractor")
-            return AttributeBank(domain=self.domain.name, attributes=attributes,
-                                 entries=entries, extractor=spec.cls.name)
+            return AttributeBank(
+                domain=self.domain.name,
+                attributes=attributes,
+                entries=entries,
+                extractor=spec.cls.name,
+            )
         spec = self.resolved.one("extractor")
         extractor = self.instance(spec)
         bank = extractor.extract(references, self.domain)
         bank.extractor = spec.cls.name
         store.write_jsonl(path, [e.model_dump() for e in bank.entries])
-        log.info("attribute bank: %d attributes, %d entries from %d references",
-                 len(bank.attributes), len(bank.entries), len(references))
+        log.info(
+            "attribute bank: %d attributes, %d entries from %d references",
+            len(bank.attributes),
+            len(bank.entries),
+            len(references),
+        )
         return bank
 
     # --- prompts -----------------------------------------------------------------------
@@ -384,7 +415,9 @@ class Engine:
                 spec = PromptSpec.model_validate(json.loads(line))
             except ValueError as exc:
                 first = str(exc).splitlines()[0]
-                raise InputError(f"{path}:{number}: not a prompt row: {first}") from None
+                raise InputError(
+                    f"{path}:{number}: not a prompt row: {first}"
+                ) from None
             original = self.journal.get(f"prompt:{spec.index}")
             spec.edited = original is not None and original != spec.prompt
             prompts[spec.index] = spec
@@ -407,8 +440,9 @@ class Engine:
         return [self.prompts[it.index] for it in items]
 
     def _plan(self, index: int) -> PlanItem:
-        return plan_item(self.bank, index, self.fingerprint, self.settings.seed,
-                         self.settings.plan)
+        return plan_item(
+            self.bank, index, self.fingerprint, self.settings.seed, self.settings.plan
+        )
 
     # --- pipeline ------------------------------------------------------------------------
 
@@ -421,13 +455,20 @@ class Engine:
             ("filter", self._stage_filter, self._batch("filter")),
             ("annotate", self._stage_annotate, self._batch("annotator")),
         ]
-        threads = [threading.Thread(target=self._feed, args=(queues[0],), daemon=True,
-                                    name="chatroom-feed")]
+        threads = [
+            threading.Thread(
+                target=self._feed, args=(queues[0],), daemon=True, name="chatroom-feed"
+            )
+        ]
         for number, (name, fn, batch) in enumerate(stages):
-            threads.append(threading.Thread(
-                target=self._worker, args=(name, fn, batch, queues[number],
-                                           queues[number + 1]),
-                daemon=True, name=f"chatroom-{name}"))
+            threads.append(
+                threading.Thread(
+                    target=self._worker,
+                    args=(name, fn, batch, queues[number], queues[number + 1]),
+                    daemon=True,
+                    name=f"chatroom-{name}",
+                )
+            )
         for thread in threads:
             thread.start()
         try:
@@ -464,8 +505,11 @@ class Engine:
                     continue
                 with self._cond:
                     # Wait while the items in flight could still fill the target.
-                    while (not self._stopping and self._inflight + self.progress.written
-                           >= self.progress.target):
+                    while (
+                        not self._stopping
+                        and self._inflight + self.progress.written
+                        >= self.progress.target
+                    ):
                         if self.progress.written >= self.progress.target:
                             self._stopping = True
                             break
@@ -479,8 +523,9 @@ class Engine:
             self._error = self._error or exc
         out.put(STOP)
 
-    def _worker(self, name: str, fn, batch_size: int, inq: queue.Queue,
-                outq: queue.Queue) -> None:
+    def _worker(
+        self, name: str, fn, batch_size: int, inq: queue.Queue, outq: queue.Queue
+    ) -> None:
         finished = False
         while not finished:
             first = inq.get()
@@ -505,8 +550,9 @@ class Engine:
                     for work in live:  # not journaled: a later run does them again
                         work.decide("aborted", name, "", str(exc))
                 except Exception as exc:
-                    log.exception("%s stage failed on items %s", name,
-                                  [w.index for w in live])
+                    log.exception(
+                        "%s stage failed on items %s", name, [w.index for w in live]
+                    )
                     for work in live:
                         work.decide("failed", name, "", f"{type(exc).__name__}: {exc}")
             self.progress.done[name] += len(batch)
@@ -521,7 +567,9 @@ class Engine:
 
     def _stage_generate(self, batch: list[Work]) -> None:
         generator = self.instance(self.resolved.one("generator"))
-        candidates = generator.generate([w.spec for w in batch], [w.plan.seed for w in batch])
+        candidates = generator.generate(
+            [w.spec for w in batch], [w.plan.seed for w in batch]
+        )
         for work, candidate in zip(batch, candidates, strict=True):
             work.candidate = candidate
 
@@ -532,11 +580,13 @@ class Engine:
                 return
             verdicts = self.instance(spec).check([w.candidate for w in live])
             for work, verdict in zip(live, verdicts, strict=True):
-                verdict.filter = verdict.filter or spec.key
+                verdict.filter = spec.key
                 verdict.observed = spec.observe
                 work.verdicts.append(verdict)
                 if not verdict.passed and not spec.observe:
-                    work.decide("rejected", "filter", spec.key, verdict.reason, verdict.scores)
+                    work.decide(
+                        "rejected", "filter", spec.key, verdict.reason, verdict.scores
+                    )
 
     def _stage_annotate(self, batch: list[Work]) -> None:
         for spec in self.resolved.components.get("annotator", []):
@@ -547,7 +597,7 @@ class Engine:
                 [w.candidate for w in live], [w.verdicts for w in live]
             )
             for work, note in zip(live, notes, strict=True):
-                note.annotator = note.annotator or spec.key
+                note.annotator = spec.key
                 note.observed = spec.observe
                 work.annotations.append(note)
                 if note.rejected and not spec.observe:
@@ -587,34 +637,60 @@ class Engine:
         if work.outcome == "aborted":
             return
         if work.outcome == "failed":
-            failure = Failure(kind="item", subject=work.plan.item_id, reason=work.reason,
-                              stage=work.stage, index=work.index)
-            journal.finish(work.index, work.plan.item_id, jr.FAILED, failure.model_dump(),
-                           work.reason)
+            failure = Failure(
+                kind="item",
+                subject=work.plan.item_id,
+                reason=work.reason,
+                stage=work.stage,
+                index=work.index,
+            )
+            journal.finish(
+                work.index,
+                work.plan.item_id,
+                jr.FAILED,
+                failure.model_dump(),
+                work.reason,
+            )
             self._append("failures.jsonl", failure.model_dump())
             self.progress.failed += 1
             return
         if work.outcome == "rejected":
             rejection = Rejection(
-                item_id=work.plan.item_id, index=work.index, stage=work.stage,
-                component=work.component, reason=work.reason, scores=work.scores,
-                prompt=spec.prompt if spec else "", seed=work.plan.seed,
+                item_id=work.plan.item_id,
+                index=work.index,
+                stage=work.stage,
+                component=work.component,
+                reason=work.reason,
+                scores=work.scores,
+                prompt=spec.prompt if spec else "",
+                seed=work.plan.seed,
             )
-            journal.finish(work.index, work.plan.item_id, jr.REJECTED,
-                           rejection.model_dump(), work.reason)
+            journal.finish(
+                work.index,
+                work.plan.item_id,
+                jr.REJECTED,
+                rejection.model_dump(),
+                work.reason,
+            )
             self._append("rejected.jsonl", rejection.model_dump())
             self.progress.rejected += 1
             return
         if self.progress.written >= self.progress.target:
-            journal.finish(work.index, work.plan.item_id, jr.SURPLUS, None, "target reached")
+            journal.finish(
+                work.index, work.plan.item_id, jr.SURPLUS, None, "target reached"
+            )
             return
 
         record, files = self._files(work)
         journal.finish(work.index, work.plan.item_id, jr.WRITTEN, record, files=files)
         self._append("metadata.jsonl", record)
         self.progress.written += 1
-        self.plugins.hook.record_written(run=self.context, record=Record.model_validate(
-            {k: v for k, v in record.items() if k in Record.model_fields}))
+        self.plugins.hook.record_written(
+            run=self.context,
+            record=Record.model_validate(
+                {k: v for k, v in record.items() if k in Record.model_fields}
+            ),
+        )
 
     def _files(self, work: Work) -> tuple[dict[str, Any], list[str]]:
         """Write an accepted item's files atomically; return its metadata row."""
@@ -650,10 +726,14 @@ class Engine:
             import json
 
             pose_rel = f"poses/{item}.json"
-            store.atomic_write_text(self.out / pose_rel, json.dumps({"keypoints": keypoints}))
+            store.atomic_write_text(
+                self.out / pose_rel, json.dumps({"keypoints": keypoints})
+            )
             files.append(pose_rel)
 
-        refs = [self.references[r] for r in work.plan.references if r in self.references]
+        refs = [
+            self.references[r] for r in work.plan.references if r in self.references
+        ]
         record = Record(
             item_id=item,
             index=work.index,
@@ -681,7 +761,9 @@ class Engine:
             prompt_writer=spec.writer + (" (edited)" if spec.edited else ""),
             timings=candidate.timings,
         )
-        row = record.model_dump(mode="json", exclude={"verdicts": {"__all__": {"artefacts"}}})
+        row = record.model_dump(
+            mode="json", exclude={"verdicts": {"__all__": {"artefacts"}}}
+        )
         return row, files
 
 

@@ -38,7 +38,9 @@ class Journal:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -51,7 +53,9 @@ class Journal:
 
     def get_meta(self, key: str) -> Any:
         with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            row = self._db.execute(
+                "SELECT value FROM meta WHERE key=?", (key,)
+            ).fetchone()
         return json.loads(row[0]) if row else None
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -129,7 +133,9 @@ class Journal:
 
     def get(self, key: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT value FROM cache WHERE key=?", (key,)).fetchone()
+            row = self._db.execute(
+                "SELECT value FROM cache WHERE key=?", (key,)
+            ).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, value: str) -> None:

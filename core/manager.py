@@ -68,17 +68,23 @@ class Plugins:
         self.domain_owners: dict[str, str] = {}
         self.owners: dict[str, str] = {}
         self._load_entry_points()
-        self._collect()
 
     # --- loading -----------------------------------------------------------------
 
     def _load_entry_points(self) -> None:
         eps = sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name)
-        seen: set[str] = set()
+        loaded: dict[str, str] = {}
         for ep in eps:
-            if ep.name in seen:
+            if ep.name in loaded:
+                if loaded[ep.name] != ep.value:
+                    log.warning(
+                        "plugin name '%s' is taken by %s; %s is not loaded",
+                        ep.name,
+                        loaded[ep.name],
+                        ep.value,
+                    )
                 continue
-            seen.add(ep.name)
+            loaded[ep.name] = ep.value
             if self.only is not None and ep.name not in self.only:
                 continue
             dist = ep.dist
@@ -93,95 +99,116 @@ class Plugins:
             except Exception as exc:  # a broken plugin must not stop the others
                 self._fail(ep.name, ep.value, f"{type(exc).__name__}: {exc}")
                 continue
-            try:
-                self.pm.register(module, name=ep.name)
-                self.pm.check_pending()
-            except pluggy.PluginValidationError as exc:
-                if self.pm.is_registered(module):
-                    self.pm.unregister(module)
-                self._fail(ep.name, ep.value, str(exc))
-                continue
-            self.infos[ep.name] = info
+            self._add_plugin(module, info)
 
     def register(self, plugin: object, name: str, version: str = "") -> None:
         """Register an in-process plugin object (tests, notebooks)."""
-        self.pm.register(plugin, name=name)
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            raise PluginError(f"plugin '{name}' ({module}): {unknown}")
+        self._add_plugin(plugin, PluginInfo(name, module, version, ""))
+
+    def _add_plugin(self, plugin: object, info: PluginInfo) -> None:
+        """Register one plugin and collect what it offers, or report why not."""
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            self._fail(info.name, info.module, unknown)
+            return
         try:
+            self.pm.register(plugin, name=info.name)
             self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            self._fail(info.name, info.module, str(exc).splitlines()[0])
+            return
+        try:
+            offered = self._offers(info.name, plugin)
+        except Exception as exc:
             self.pm.unregister(plugin)
-            raise PluginError(f"plugin '{name}': {exc}") from None
-        self.infos[name] = PluginInfo(name, getattr(plugin, "__name__", name), version, "")
-        self._collect_from(name, plugin)
+            self._fail(info.name, info.module, f"{type(exc).__name__}: {exc}")
+            return
+        self.infos[info.name] = info
+        for stage, item in offered:
+            if stage == "domain":
+                self.domains[item.name] = item
+                self.domain_owners[item.name] = info.name
+                info.domains.append(item.name)
+            else:
+                self.components[stage][item.name] = item
+                self.owners[f"{stage}:{item.name}"] = info.name
+                info.stages.add(stage)
+                info.components.append(f"{stage}:{item.name}")
+
+    def _unknown_hooks(self, plugin: object) -> str:
+        """'' or a message naming hooks the plugin implements that do not exist."""
+        known = set(REGISTRATION_HOOKS.values()) | {
+            "register_domains",
+            "run_started",
+            "record_written",
+            "run_finished",
+        }
+        names = []
+        for attr in dir(plugin):
+            value = getattr(plugin, attr, None)
+            if (
+                callable(value)
+                and hasattr(value, f"{GROUP}_impl")
+                and attr not in known
+            ):
+                names.append(f"unknown hook '{attr}'{closest(attr, known)}")
+        return "; ".join(names)
 
     def _fail(self, name: str, module: str, error: str) -> None:
         if self.strict:
             raise PluginError(f"plugin '{name}' ({module}) failed to load: {error}")
-        log.warning("plugin '%s' (%s) failed to load and is skipped: %s", name, module, error)
+        log.warning(
+            "plugin '%s' (%s) failed to load and is skipped: %s", name, module, error
+        )
         self.failures.append(LoadFailure(name, module, error))
 
     # --- collecting --------------------------------------------------------------
 
-    def _collect(self) -> None:
-        for name, plugin in self.pm.list_name_plugin():
-            self._collect_from(name, plugin)
-
-    def _collect_from(self, name: str, plugin: object) -> None:
-        """Call one plugin's registration hooks; a hook that raises skips the plugin."""
-        info = self.infos.get(name)
-        module = info.module if info else name
+    def _offers(self, name: str, plugin: object) -> list[tuple[str, object]]:
+        """Call one plugin's registration hooks and check what it offers."""
+        offered: list[tuple[str, object]] = []
         hooks = dict(REGISTRATION_HOOKS, domain="register_domains")
         for stage, hook_name in hooks.items():
             impls = getattr(self.pm.hook, hook_name).get_hookimpls()
             for impl in (i for i in impls if i.plugin is plugin):
-                if stage == "domain":
-                    register = lambda path, _p=name: self._add_domain(path, _p)  # noqa: E731
-                else:
-                    register = lambda cls, _s=stage, _p=name: self._add_component(  # noqa: E731
-                        _s, cls, _p
-                    )
-                try:
-                    impl.function(register=register)
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    self._fail(name, module, f"{hook_name}: {type(exc).__name__}: {exc}")
 
-    def _add_domain(self, path, plugin: str) -> None:
-        path = Path(path)
-        if not (path / "pack.toml").is_file():
-            raise PluginError(f"plugin '{plugin}' registered {path}, which has no pack.toml")
-        self.domains[path.name] = path
-        self.domain_owners[path.name] = plugin
-        info = self.infos.get(plugin)
-        if info and path.name not in info.domains:
-            info.domains.append(path.name)
+                def register(item, _stage=stage):
+                    offered.append((_stage, self._check(_stage, item)))
 
-    def _add_component(self, stage: str, cls: type[Component], plugin: str) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, Component)):
+                impl.function(register=register)
+        return offered
+
+    def _check(self, stage: str, item):
+        if stage == "domain":
+            path = Path(item)
+            if not (path / "pack.toml").is_file():
+                raise PluginError(f"registered {path}, which has no pack.toml")
+            return path
+        if not (isinstance(item, type) and issubclass(item, Component)):
             raise PluginError(
-                f"plugin '{plugin}' registered {cls!r} as a {stage}; "
-                "expected a chatroom component class"
+                f"registered {item!r} as a {stage}; expected a chatroom component class"
             )
-        if cls.stage != stage:
-            raise PluginError(
-                f"plugin '{plugin}' registered '{cls.name}' ({cls.stage}) as a {stage}"
-            )
-        if not cls.name:
-            raise PluginError(f"plugin '{plugin}' registered {cls.__name__} without a name")
-        self.components[stage][cls.name] = cls
-        self.owners[f"{stage}:{cls.name}"] = plugin
-        info = self.infos.get(plugin)
-        if info:
-            info.stages.add(stage)
-            info.components.append(f"{stage}:{cls.name}")
+        if item.stage != stage:
+            raise PluginError(f"registered '{item.name}' ({item.stage}) as a {stage}")
+        if not item.name:
+            raise PluginError(f"registered {item.__name__} without a name")
+        return item
 
     # --- lookup ------------------------------------------------------------------
 
     def component(self, stage: str, name: str) -> type[Component]:
         known = self.components[stage]
         if name not in known:
-            hint = closest(name, known) or f" (known: {', '.join(sorted(known)) or 'none'})"
+            hint = (
+                closest(name, known)
+                or f" (known: {', '.join(sorted(known)) or 'none'})"
+            )
             raise PluginError(f"unknown {stage} '{name}'{hint}")
         return known[name]
 

@@ -109,9 +109,9 @@ class Candidate(BaseModel):
 
 
 class Verdict(BaseModel):
-    """One filter's decision on one candidate."""
+    """One filter's decision on one candidate (``filter`` is its key in the config)."""
 
-    filter: str
+    filter: str = ""
     passed: bool
     reason: str = ""
     scores: dict[str, float] = Field(default_factory=dict)
@@ -124,7 +124,7 @@ class Annotation(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    annotator: str
+    annotator: str = ""
     captions: list[str] = Field(default_factory=list)
     caption: str | None = None
     keypoints: list[list[float]] | None = None

@@ -75,7 +75,8 @@ def scan(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise InputError(f"references path is not a folder: {folder}")
     files = sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name not in METADATA_FILES
     )
     if not files:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,9 @@ class Resolved:
     def fingerprint(self, reference_hashes: list[str]) -> str:
         body = {
             "settings": {
-                k: v for k, v in self.flat.items() if k.split(".")[0] not in cfg.RUN_CONTROL
+                k: v
+                for k, v in self.flat.items()
+                if k.split(".")[0] not in cfg.RUN_CONTROL
             },
             "domain": self.domain.model_dump(exclude={"path", "settings", "profiles"}),
             "references": sorted(reference_hashes),
@@ -77,7 +79,10 @@ class Resolved:
 
     def settings_with_sources(self) -> dict[str, dict[str, Any]]:
         redacted = cfg.redact(self.flat)
-        return {k: {"value": redacted[k], "source": self.sources[k]} for k in sorted(self.flat)}
+        return {
+            k: {"value": redacted[k], "source": self.sources[k]}
+            for k in sorted(self.flat)
+        }
 
 
 def resolve(request: Request, plugins: Plugins) -> Resolved:
@@ -120,7 +125,9 @@ def resolve(request: Request, plugins: Plugins) -> Resolved:
 
     for section, stage in SECTION_STAGE.items():
         raw = getattr(settings, section)
-        entries = raw.items() if section in ("filters", "annotators") else [(section, raw)]
+        entries = (
+            raw.items() if section in ("filters", "annotators") else [(section, raw)]
+        )
         specs = []
         for key, body in entries:
             prefix = section if key == section else f"{section}.{key}"
@@ -153,11 +160,15 @@ def _component(
         return None
     name = body.get("use") or (key if stage in ("filter", "annotator") else "")
     if not name:
-        raise ConfigError(f"{prefix}: say which {stage} to use, e.g. {prefix}.use = \"...\"")
+        raise ConfigError(
+            f'{prefix}: say which {stage} to use, e.g. {prefix}.use = "..."'
+        )
     cls = plugins.component(stage, str(name))
     mode = body.get("mode", "enforce")
     if mode not in MODES:
-        raise ConfigError(f"{prefix}.mode = {mode!r}: expected one of {', '.join(MODES)}")
+        raise ConfigError(
+            f"{prefix}.mode = {mode!r}: expected one of {', '.join(MODES)}"
+        )
     if mode == "observe" and stage not in ("filter", "annotator"):
         raise ConfigError(f"{prefix}.mode: only filters and annotators can observe")
     raw = {k: v for k, v in body.items() if k not in GENERIC_KEYS}
@@ -165,12 +176,17 @@ def _component(
     # the user's own settings must all be understood.
     for option in list(raw):
         full = f"{prefix}.{option}"
-        found = [src for key, src in layers.sources.items()
-                 if key == full or key.startswith(full + ".")]
+        found = [
+            src
+            for key, src in layers.sources.items()
+            if key == full or key.startswith(full + ".")
+        ]
         if option not in cls.Options.model_fields and all(
             src.startswith(PACK_LAYERS) for src in found
         ):
-            log.debug("%s: %s does not take '%s' from the pack", prefix, cls.name, option)
+            log.debug(
+                "%s: %s does not take '%s' from the pack", prefix, cls.name, option
+            )
             del raw[option]
     options = validate_options(cls, prefix, raw)
     return ComponentSpec(stage=stage, key=key, cls=cls, options=options, mode=mode)

@@ -15,8 +15,18 @@ if TYPE_CHECKING:
     from .engine import Engine, RunSummary
 
 LIBRARIES = (
-    "pydantic", "pluggy", "click", "pillow", "numpy", "dynamicprompts", "torch",
-    "torchvision", "diffusers", "transformers", "accelerate", "safetensors",
+    "pydantic",
+    "pluggy",
+    "click",
+    "pillow",
+    "numpy",
+    "dynamicprompts",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "safetensors",
 )
 OBSERVE_NOTE = (
     "components in observe mode record their scores and decisions but reject "
@@ -78,7 +88,9 @@ def run_info(engine: Engine, status: str, summary: RunSummary | None) -> dict[st
         "domain": {"name": resolved.domain.name, "path": resolved.domain.path},
         "settings": resolved.settings_with_sources(),
         "components": components,
-        "observe": {"components": observing, "note": OBSERVE_NOTE} if observing else None,
+        "observe": {"components": observing, "note": OBSERVE_NOTE}
+        if observing
+        else None,
         "plugins": {n: i.version for n, i in sorted(engine.plugins.infos.items())},
         "plugin_failures": [f.__dict__ for f in engine.plugins.failures],
         "libraries": library_versions(),

@@ -16,8 +16,15 @@ def _table(progress: Progress):
     from rich.table import Table
 
     table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
-    for column in ("phase", *progress.done, "accepted", "rejected", "failed", "rate",
-                   "ETA"):
+    for column in (
+        "phase",
+        *progress.done,
+        "accepted",
+        "rejected",
+        "failed",
+        "rate",
+        "ETA",
+    ):
         table.add_column(column, justify="right")
     rate = progress.rate
     eta = progress.eta
@@ -40,8 +47,9 @@ def run_with_display(config_path, flags, overrides, fresh) -> RunSummary:
         from rich.live import Live
 
         with Live(console=console, refresh_per_second=4, transient=False) as live:
-            engine = Engine(request, fresh=fresh,
-                            on_progress=lambda p: live.update(_table(p)))
+            engine = Engine(
+                request, fresh=fresh, on_progress=lambda p: live.update(_table(p))
+            )
             summary = engine.run()
             live.update(_table(engine.progress))
     else:
@@ -51,9 +59,14 @@ def run_with_display(config_path, flags, overrides, fresh) -> RunSummary:
             now = time.monotonic()
             if now - last[0] >= 10:
                 last[0] = now
-                log.info("%s: %d/%d accepted, %d rejected, %d failed", progress.phase,
-                         progress.written, progress.target, progress.rejected,
-                         progress.failed)
+                log.info(
+                    "%s: %d/%d accepted, %d rejected, %d failed",
+                    progress.phase,
+                    progress.written,
+                    progress.target,
+                    progress.rejected,
+                    progress.failed,
+                )
 
         engine = Engine(request, fresh=fresh, on_progress=note)
         summary = engine.run()
@@ -69,8 +82,9 @@ def _print_summary(summary: RunSummary) -> None:
         f"{summary.attempted} candidates, {summary.seconds:.1f} s)"
     )
     console.print(line, highlight=False, markup=False)
-    for reason, number in sorted(summary.rejections_by_reason.items(),
-                                 key=lambda kv: -kv[1])[:5]:
+    for reason, number in sorted(
+        summary.rejections_by_reason.items(), key=lambda kv: -kv[1]
+    )[:5]:
         console.print(f"  rejected {number} x {reason}", highlight=False, markup=False)
     if summary.message:
         console.print(summary.message, highlight=False, markup=False)

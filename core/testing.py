@@ -47,11 +47,19 @@ class FakeGenerator(Generator):
                 digest = hashlib.sha256(f"{spec.prompt}:{seed}".encode()).digest()
                 rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
                 pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            settings = GenerationSettings(model="fake", width=w, height=h, seed=seed,
-                                          steps=1)
-            out.append(Candidate(index=spec.index, item_id=spec.item_id, spec=spec,
-                                 settings=settings, image=Image.fromarray(pixels),
-                                 received_prompt=spec.prompt))
+            settings = GenerationSettings(
+                model="fake", width=w, height=h, seed=seed, steps=1
+            )
+            out.append(
+                Candidate(
+                    index=spec.index,
+                    item_id=spec.item_id,
+                    spec=spec,
+                    settings=settings,
+                    image=Image.fromarray(pixels),
+                    received_prompt=spec.prompt,
+                )
+            )
         return out
 
 
@@ -66,13 +74,19 @@ class FakeExtractor(Extractor):
         for reference in references:
             type(self).calls.append(reference.id)
             for question in domain.attributes:
-                entries.append(BankEntry(attribute=question.name,
-                                         value=f"{question.name} of {reference.id}",
-                                         reference=reference.id,
-                                         question=question.question))
-        return AttributeBank(domain=domain.name,
-                             attributes=[q.name for q in domain.attributes],
-                             entries=entries)
+                entries.append(
+                    BankEntry(
+                        attribute=question.name,
+                        value=f"{question.name} of {reference.id}",
+                        reference=reference.id,
+                        question=question.question,
+                    )
+                )
+        return AttributeBank(
+            domain=domain.name,
+            attributes=[q.name for q in domain.attributes],
+            entries=entries,
+        )
 
 
 class FakesPlugin:
@@ -128,8 +142,12 @@ def chatroom_run(tmp_path: Path, chatroom_plugins):
         out = Path(output or tmp_path / "out")
         request = Request(
             config_path=str(config),
-            flags={"references": str(references), "count": count, "output": str(out),
-                   **flags},
+            flags={
+                "references": str(references),
+                "count": count,
+                "output": str(out),
+                **flags,
+            },
             overrides=list(overrides),
         )
         summary = Engine(request, plugins=chatroom_plugins, fresh=fresh).run()

@@ -34,7 +34,10 @@ def show_plugins() -> None:
     for failure in plugins.failures:
         console.print(
             f"failed to load: {failure.name} ({failure.module}): {failure.error}",
-            style="red", highlight=False, markup=False,
+            style="red",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
 
 
@@ -46,7 +49,9 @@ def show_domains() -> None:
     for name, path in sorted(plugins.domains.items()):
         pack = load_pack(path)
         table.add_row(
-            name, plugins.domain_owners.get(name, ""), pack.word,
+            name,
+            plugins.domain_owners.get(name, ""),
+            pack.word,
             ", ".join(q.name for q in pack.attributes),
             ", ".join(sorted(pack.profiles)),
         )
@@ -66,12 +71,19 @@ def show_doctor(config_path, domain, overrides) -> bool:
         for spec in specs:
             for check, ok, detail in _checks(spec):
                 healthy = healthy and ok
-                table.add_row(f"{stage}:{spec.key}", spec.cls.name, check,
-                              ("ok" if ok else "MISSING") + (f": {detail}" if detail else ""))
+                table.add_row(
+                    f"{stage}:{spec.key}",
+                    spec.cls.name,
+                    check,
+                    ("ok" if ok else "MISSING") + (f": {detail}" if detail else ""),
+                )
     stdout().print(table)
     for failure in plugins.failures:
-        stdout().print(f"plugin {failure.name} failed to load: {failure.error}",
-                       markup=False, highlight=False)
+        stdout().print(
+            f"plugin {failure.name} failed to load: {failure.error}",
+            markup=False,
+            highlight=False,
+        )
     return healthy
 
 
@@ -79,17 +91,29 @@ def _checks(spec):
     """(check, ok, detail) rows from the component's declared needs and options."""
     for library, extra in getattr(spec.cls, "requires", ()):
         found = importlib.util.find_spec(library) is not None
-        yield f"library {library}", found, "" if found else f"pip install 'chatroom[{extra}]'"
+        yield (
+            f"library {library}",
+            found,
+            "" if found else f"pip install 'chatroom[{extra}]'",
+        )
     options = spec.options.model_dump()
     for key, value in options.items():
-        if key in ("model", "config", "upscaler_model", "file") and isinstance(value, str):
+        if key in ("model", "config", "upscaler_model", "file") and isinstance(
+            value, str
+        ):
             if not value:
                 continue
             local = os.path.exists(os.path.expanduser(value))
             hub = "/" in value and not value.startswith((".", "/", "~"))
-            yield (f"weights {key}", local or hub,
-                   "local" if local else "Hub id (needs network or cache)" if hub
-                   else f"not found: {value}")
+            yield (
+                f"weights {key}",
+                local or hub,
+                "local"
+                if local
+                else "Hub id (needs network or cache)"
+                if hub
+                else f"not found: {value}",
+            )
         if key.endswith(("api_key_env", "token_env")) and value:
             present = bool(os.environ.get(value))
             yield f"key ${value}", present, "set" if present else "not set"

@@ -15,10 +15,14 @@ from chatroom.models import Verdict
 
 class ImageCheckOptions(Options):
     min_std: float = Field(
-        2.0, ge=0, description="Reject when the pixel standard deviation (0-255) is lower."
+        2.0,
+        ge=0,
+        description="Reject when the pixel standard deviation (0-255) is lower.",
     )
     max_flat_share: float = Field(
-        0.98, gt=0, le=1,
+        0.98,
+        gt=0,
+        le=1,
         description="Reject when one grey level covers more than this share of pixels.",
     )
 
@@ -41,19 +45,33 @@ class ImageChecks(Filter):
         if arr.size == 0:
             return Verdict(filter=self.name, passed=False, reason="empty image")
         if not np.isfinite(arr).all():
-            return Verdict(filter=self.name, passed=False, reason="NaN or infinite pixels")
+            return Verdict(
+                filter=self.name, passed=False, reason="NaN or infinite pixels"
+            )
         std = float(arr.std())
         grey = arr.mean(axis=-1) if arr.ndim == 3 else arr
-        counts = np.bincount(np.clip(grey, 0, 255).astype(np.uint8).ravel(), minlength=256)
+        counts = np.bincount(
+            np.clip(grey, 0, 255).astype(np.uint8).ravel(), minlength=256
+        )
         flat = float(counts.max() / counts.sum())
         scores = {"std": round(std, 3), "flat_share": round(flat, 4)}
         if std < self.options.min_std:
-            level = "black" if arr.mean() < 8 else "white" if arr.mean() > 247 else "flat"
-            return Verdict(filter=self.name, passed=False, scores=scores,
-                           reason=f"near-constant {level} image (std {std:.2f})")
+            level = (
+                "black" if arr.mean() < 8 else "white" if arr.mean() > 247 else "flat"
+            )
+            return Verdict(
+                filter=self.name,
+                passed=False,
+                scores=scores,
+                reason=f"near-constant {level} image (std {std:.2f})",
+            )
         if flat > self.options.max_flat_share:
-            return Verdict(filter=self.name, passed=False, scores=scores,
-                           reason=f"{flat:.0%} of pixels share one grey level")
+            return Verdict(
+                filter=self.name,
+                passed=False,
+                scores=scores,
+                reason=f"{flat:.0%} of pixels share one grey level",
+            )
         return Verdict(filter=self.name, passed=True, scores=scores)
 
 

@@ -38,13 +38,18 @@ class StaticExtractor(Extractor):
                 rows = read_jsonl(path)
                 entries = [BankEntry.model_validate(r) for r in rows]
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"extractor.file: {path}: {str(exc).splitlines()[0]}") from None
+                raise ConfigError(
+                    f"extractor.file: {path}: {str(exc).splitlines()[0]}"
+                ) from None
         for attribute, values in self.options.values.items():
             for number, reference in enumerate(references):
                 if values:
                     value = values[number % len(values)]
-                    entries.append(BankEntry(attribute=attribute, value=value,
-                                             reference=reference.id))
+                    entries.append(
+                        BankEntry(
+                            attribute=attribute, value=value, reference=reference.id
+                        )
+                    )
         attributes = list(dict.fromkeys(e.attribute for e in entries))
         return AttributeBank(domain=domain.name, attributes=attributes, entries=entries)
 

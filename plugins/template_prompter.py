@@ -23,8 +23,12 @@ SYNTAX = re.compile(r"[{}|$_\[\]()<>:\\]")
 
 class TemplateOptions(Options):
     template: str = Field("", description="Overrides the pack's template when set.")
-    negative_prompt: str = Field("", description="Overrides the pack's negative prompt.")
-    max_value_words: int = Field(8, ge=1, description="Attribute values are cut to this.")
+    negative_prompt: str = Field(
+        "", description="Overrides the pack's negative prompt."
+    )
+    max_value_words: int = Field(
+        8, ge=1, description="Attribute values are cut to this."
+    )
 
 
 def clean_value(text: str, max_words: int) -> str:
@@ -75,9 +79,13 @@ class TemplatePrompter(Prompter):
                 values[entry.attribute] = value or EMPTY
             header = "".join(f"${{{k}={v}}}" for k, v in sorted(values.items()))
             try:
-                text = self._dynamic().generate(header + template, 1, seeds=[item.seed])[0]
+                text = self._dynamic().generate(
+                    header + template, 1, seeds=[item.seed]
+                )[0]
             except Exception as exc:
-                raise ConfigError(f"prompter (template): the template fails: {exc}") from None
+                raise ConfigError(
+                    f"prompter (template): the template fails: {exc}"
+                ) from None
             if "__" in text:
                 left = re.findall(r"__[\w/-]+__", text)
                 raise ConfigError(

@@ -69,7 +69,9 @@ def drive(tmp_path, refs, out, count, point="none", nth=0):
     script.write_text(DRIVER)
     return subprocess.run(
         [sys.executable, str(script), str(refs), str(out), str(count), point, str(nth)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -87,7 +89,9 @@ def check_folder(out, count):
 
         with Image.open(out / r["file_name"]) as img:
             img.load()
-    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    rejected = [
+        json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()
+    ]
     seen = ids + [r["item_id"] for r in rejected]
     assert len(seen) == len(set(seen)), "an item is both written and rejected, or twice"
     prompts = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]

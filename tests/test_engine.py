@@ -24,7 +24,9 @@ def test_run_writes_records_with_lineage(chatroom_run, few_refs):
     for record in records:
         assert (out / record["file_name"]).is_file()
         assert record["references"] and set(record["references"]) <= reference_ids
-        assert record["bank_entries"], "every record names the bank entries it came from"
+        assert record["bank_entries"], (
+            "every record names the bank entries it came from"
+        )
         for entry in record["bank_entries"]:
             assert clean_value(entry["value"], 8) in record["prompt"]
         assert record["seed"] == record["settings"]["seed"]
@@ -39,13 +41,21 @@ def test_prompts_follow_the_attribute_bank(chatroom_run, few_refs, tmp_path):
     bank = tmp_path / "bank.jsonl"
     bank.write_text(
         "".join(
-            json.dumps({"attribute": "garment", "value": f"velvet cape {i}",
-                        "reference": p.stem}) + "\n"
+            json.dumps(
+                {
+                    "attribute": "garment",
+                    "value": f"velvet cape {i}",
+                    "reference": p.stem,
+                }
+            )
+            + "\n"
             for i, p in enumerate(sorted(few_refs.iterdir()))
         )
     )
     _, out_b = chatroom_run(
-        few_refs, count=3, output=tmp_path / "b",
+        few_refs,
+        count=3,
+        output=tmp_path / "b",
         overrides=['extractor.use="static"', f'extractor.file="{bank}"'],
     )
     prompts_a = [r["prompt"] for r in rows(tmp_path / "a" / "prompts.jsonl")]
@@ -166,10 +176,20 @@ def test_stop_after_attributes_then_edit_the_bank(chatroom_run, few_refs):
 
 
 def test_reference_sample_is_seeded(chatroom_run, fashion_refs, tmp_path):
-    _, out = chatroom_run(fashion_refs, count=1, reference_sample=4,
-                          stop_after="attributes", output=tmp_path / "a")
-    _, again = chatroom_run(fashion_refs, count=1, reference_sample=4,
-                            stop_after="attributes", output=tmp_path / "b")
+    _, out = chatroom_run(
+        fashion_refs,
+        count=1,
+        reference_sample=4,
+        stop_after="attributes",
+        output=tmp_path / "a",
+    )
+    _, again = chatroom_run(
+        fashion_refs,
+        count=1,
+        reference_sample=4,
+        stop_after="attributes",
+        output=tmp_path / "b",
+    )
     used = json.loads((out / "run.json").read_text())["references"]["images"]
     assert len(used) == 4
     assert used == json.loads((again / "run.json").read_text())["references"]["images"]
@@ -183,7 +203,9 @@ def test_run_json_records_settings_and_their_sources(chatroom_run, few_refs):
     assert settings["generator.use"]["source"].startswith("config:")
     assert settings["prompter.use"] == {"value": "template", "source": "domain:fashion"}
     assert settings["count"]["source"] == "command line"
-    assert settings["filters.image_checks.min_std"]["source"] == "default (image_checks)"
+    assert (
+        settings["filters.image_checks.min_std"]["source"] == "default (image_checks)"
+    )
     assert info["libraries"]["pydantic"]
     assert info["components"]["generator:generator"]["component"] == "fake"
 

@@ -16,8 +16,14 @@ CHATROOM = [sys.executable, "-m", "chatroom.cli"]
 
 def chatroom(*args, cwd=None, timeout=300):
     env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([*CHATROOM, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run(
+        [*CHATROOM, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +41,20 @@ def rows(path: Path):
 
 
 def run_args(smoke, refs, out, count=8, *extra):
-    return ["run", "-c", smoke, "--domain", "fashion", "--references", refs,
-            "-n", count, "-o", out, *extra]
+    return [
+        "run",
+        "-c",
+        smoke,
+        "--domain",
+        "fashion",
+        "--references",
+        refs,
+        "-n",
+        count,
+        "-o",
+        out,
+        *extra,
+    ]
 
 
 def check_dataset(out: Path, count: int):
@@ -73,8 +91,16 @@ def test_main_job_writes_an_imagefolder_dataset(smoke, fashion_refs, tmp_path):
 
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert ds.num_rows == 8
-    assert {"image", "caption", "prompt", "seed", "references", "bank_entries",
-            "settings", "attributes"} <= set(ds.column_names)
+    assert {
+        "image",
+        "caption",
+        "prompt",
+        "seed",
+        "references",
+        "bank_entries",
+        "settings",
+        "attributes",
+    } <= set(ds.column_names)
     assert ds[0]["image"].size == (96, 144)
 
     info = json.loads((out / "run.json").read_text())
@@ -159,14 +185,22 @@ def test_stop_after_prompts_edit_and_run_on(smoke, fashion_refs, tmp_path):
 def test_bad_input_is_one_clear_line(smoke, fashion_refs, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
-    base = {"-c": str(smoke), "--references": str(fashion_refs),
-            "-o": str(tmp_path / "out"), "--domain": "fashion"}
+    base = {
+        "-c": str(smoke),
+        "--references": str(fashion_refs),
+        "-o": str(tmp_path / "out"),
+        "--domain": "fashion",
+    }
     extra = [a.replace("{tmp}", str(tmp_path)) for a in args]
     for flag, value in zip(extra[::2], extra[1::2], strict=True):
         if flag in base:
             base[flag] = value
-    overrides = [x for pair in zip(extra[::2], extra[1::2], strict=True)
-                 if pair[0] == "--set" for x in pair]
+    overrides = [
+        x
+        for pair in zip(extra[::2], extra[1::2], strict=True)
+        if pair[0] == "--set"
+        for x in pair
+    ]
     argv = ["run", "-n", "1"] + [x for kv in base.items() for x in kv] + overrides
 
     result = chatroom(*argv)
@@ -198,9 +232,18 @@ def test_secrets_never_reach_run_json(smoke, fashion_refs, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ)
     result = subprocess.run(
-        [*CHATROOM, *map(str, run_args(smoke, fashion_refs, out, 1)),
-         "--stop-after", "attributes", "--set", 'extractor.api_key="sk-live-123"'],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            *CHATROOM,
+            *map(str, run_args(smoke, fashion_refs, out, 1)),
+            "--stop-after",
+            "attributes",
+            "--set",
+            'extractor.api_key="sk-live-123"',
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     # the extractor has no api_key option: the error names it but not its value
     assert result.returncode != 0

@@ -309,8 +309,8 @@ def test_run_records_the_installed_filter_verdicts(site, chatroom_run, few_refs)
     assert len(records) == 3
     for record in records:
         verdicts = {v["filter"]: v for v in record["verdicts"]}
-        assert {"image_checks", "max_brightness"} <= set(verdicts)
-        mine = verdicts["max_brightness"]
+        assert {"image_checks", "bright"} <= set(verdicts)
+        mine = verdicts["bright"]
         assert mine["passed"] is True
         assert 0 < mine["scores"]["mean"] <= 200.0
     run = json.loads((out / "run.json").read_text())

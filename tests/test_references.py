@@ -45,7 +45,10 @@ def test_odd_references_are_handled_or_skipped(odd_refs):
     assert (by_id["rotated"].width, by_id["rotated"].height) == (h, w)
     reasons = {f.subject.rsplit("/", 1)[-1]: f.reason for f in failures}
     assert set(reasons) == {"truncated.jpg", "notes.jpg", "readme.txt"}
-    assert "truncated" in reasons["truncated.jpg"] or "unreadable" in reasons["truncated.jpg"]
+    assert (
+        "truncated" in reasons["truncated.jpg"]
+        or "unreadable" in reasons["truncated.jpg"]
+    )
     assert reasons["notes.jpg"].startswith("not an image")
 
 
@@ -63,8 +66,12 @@ def test_a_run_goes_on_past_bad_references(chatroom_run, odd_refs):
     summary, out = chatroom_run(folder, count=2)
 
     assert summary.written == 2
-    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
-    skipped = {f["subject"].rsplit("/", 1)[-1] for f in failures if f["kind"] == "reference"}
+    failures = [
+        json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()
+    ]
+    skipped = {
+        f["subject"].rsplit("/", 1)[-1] for f in failures if f["kind"] == "reference"
+    }
     assert skipped == {"truncated.jpg", "notes.jpg", "readme.txt"}
 
 
@@ -82,11 +89,16 @@ def test_missing_and_empty_folders_are_one_line_errors(tmp_path):
 
 def test_reference_metadata_follows_the_records(chatroom_run, few_refs):
     lines = [
-        {"file_name": p.name, "source": f"https://example.com/{p.stem}",
-         "license": "CC BY-NC 4.0"}
+        {
+            "file_name": p.name,
+            "source": f"https://example.com/{p.stem}",
+            "license": "CC BY-NC 4.0",
+        }
         for p in sorted(few_refs.iterdir())
     ]
-    (few_refs / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (few_refs / "metadata.jsonl").write_text(
+        "".join(json.dumps(x) + "\n" for x in lines)
+    )
 
     _, out = chatroom_run(few_refs, count=2)
 
