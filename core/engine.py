@@ -186,6 +186,9 @@ class Engine:
             for failure in ref_failures:
                 self.journal.add_failure(failure.model_dump())
             self.context = RunContext(self.resolved, self.out, self.fingerprint)
+            for specs in self.resolved.components.values():
+                for spec in specs:  # options errors surface now, models load later
+                    self.instance(spec)
             self._write_run_json("running")
             self._reconcile()
             self.plugins.hook.run_started(run=self.context)
