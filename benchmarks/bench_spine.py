@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-REFS = Path(os.environ.get("CHATROOM_SHARED", ROOT.parent / "shared")) / "data/reference"
+REFS = (
+    Path(os.environ.get("CHATROOM_SHARED", ROOT.parent / "shared")) / "data/reference"
+)
 PY = sys.executable
 RESULTS = ROOT / "benchmarks" / "results.json"
 
@@ -34,8 +36,11 @@ def timed(cmd: list[str], **kwargs) -> float:
 
 
 def smoke_models(folder: Path) -> Path:
-    subprocess.run([PY, "-m", "chatroom.cli", "smoke-models", str(folder)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [PY, "-m", "chatroom.cli", "smoke-models", str(folder)],
+        check=True,
+        capture_output=True,
+    )
     return folder / "smoke.toml"
 
 
@@ -49,15 +54,31 @@ def bench_startup(repeat: int = 20) -> dict:
         "python -c pass (median s)": round(statistics.median(base), 3),
         "chatroom --help (median s)": round(statistics.median(cli), 3),
         "python -m chatroom.cli --help (median s)": round(statistics.median(module), 3),
-        "extra over python (s)": round(statistics.median(cli) - statistics.median(base), 3),
+        "extra over python (s)": round(
+            statistics.median(cli) - statistics.median(base), 3
+        ),
         "target": "under 0.3 s more than python -c pass",
     }
 
 
 def run_cmd(config: Path, out: Path, count: int, *extra: str) -> list[str]:
-    return [PY, "-m", "chatroom.cli", "run", "-c", str(config), "--domain", "fashion",
-            "--references", str(REFS / "fashion"), "-n", str(count), "-o", str(out),
-            *extra]
+    return [
+        PY,
+        "-m",
+        "chatroom.cli",
+        "run",
+        "-c",
+        str(config),
+        "--domain",
+        "fashion",
+        "--references",
+        str(REFS / "fashion"),
+        "-n",
+        str(count),
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
 def bench_resume(tmp: Path) -> dict:
@@ -77,14 +98,25 @@ def bench_overhead(tmp: Path, count: int = 24) -> dict:
     config = smoke_models(tmp / "models")
     out = tmp / "engine"
     # extraction is run once first, so both sides time only the per-record work
-    subprocess.run(run_cmd(config, out, count, "--stop-after", "attributes"), check=True,
-                   capture_output=True)
+    subprocess.run(
+        run_cmd(config, out, count, "--stop-after", "attributes"),
+        check=True,
+        capture_output=True,
+    )
     engine_s = timed(run_cmd(config, out, count))
     loop = subprocess.run(
-        [PY, str(Path(__file__).with_name("plain_loop.py")), str(config),
-         str(REFS / "fashion"), str(out / "attributes.jsonl"), str(count),
-         str(tmp / "loop")],
-        check=True, capture_output=True, text=True,
+        [
+            PY,
+            str(Path(__file__).with_name("plain_loop.py")),
+            str(config),
+            str(REFS / "fashion"),
+            str(out / "attributes.jsonl"),
+            str(count),
+            str(tmp / "loop"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     loop_s = json.loads(loop.stdout.strip().splitlines()[-1])["seconds"]
     return {
@@ -100,12 +132,19 @@ def bench_overhead(tmp: Path, count: int = 24) -> dict:
 
 def peak_rss_mb(cmd: list[str]) -> float:
     proc = subprocess.run(
-        [PY, "-c", (
-            "import resource, subprocess, sys; "
-            "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-        ), *cmd],
-        check=True, capture_output=True, text=True,
+        [
+            PY,
+            "-c",
+            (
+                "import resource, subprocess, sys; "
+                "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+            ),
+            *cmd,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return int(proc.stdout.strip()) / 1024
 
@@ -126,11 +165,14 @@ def bench_memory(tmp: Path, small: int = 50, large: int = 500) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("which", nargs="+",
-                        choices=["startup", "resume", "overhead", "memory"])
+    parser.add_argument(
+        "which", nargs="+", choices=["startup", "resume", "overhead", "memory"]
+    )
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    resource.setrlimit(resource.RLIMIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE))
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)
+    )
     for which in args.which:
         with tempfile.TemporaryDirectory() as tmp:
             if which == "startup":

@@ -33,8 +33,11 @@ def main() -> None:
     annotators = [build(s) for s in resolved.components["annotator"]]
     rows = [json.loads(x) for x in Path(bank_file).read_text().splitlines() if x]
     entries = [BankEntry.model_validate(r) for r in rows]
-    bank = AttributeBank(domain="fashion", entries=entries,
-                         attributes=list(dict.fromkeys(e.attribute for e in entries)))
+    bank = AttributeBank(
+        domain="fashion",
+        entries=entries,
+        attributes=list(dict.fromkeys(e.attribute for e in entries)),
+    )
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from chatroom.models import (
     Reference,
     Verdict,
 )
+from chatroom.references import load_image
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,6 @@ def parse_attributes(answer: str, known: list[str], limit: int) -> list[str]:
 
 def _singular(phrase: str) -> str:
     return phrase[:-1] if phrase.endswith("s") and not phrase.endswith("ss") else phrase
-
-
-def load_image(path: str):
-    """An RGB PIL image with its EXIF orientation applied."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
 
 
 # --- the model -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -222,6 +223,10 @@ class DiffusersGenerator(Generator):
             ) from None
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+        if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
         path = Path(self.options.model).expanduser()
         device, dtype = self._torch_setup()
         started = time.perf_counter()

@@ -7,7 +7,9 @@ ROOT = Path(__file__).parents[1]
 
 
 def readme_commands():
-    return re.findall(r"```bash\n(python3 -m venv .*?)\n```", (ROOT / "README.md").read_text())
+    return re.findall(
+        r"```bash\n(python3 -m venv .*?)\n```", (ROOT / "README.md").read_text()
+    )
 
 
 def test_ci_runs_the_readme_test_command():
