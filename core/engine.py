@@ -567,6 +567,7 @@ class Engine:
         specs = self._prompt_all([w.index for w in batch])
         for work, spec in zip(batch, specs, strict=True):
             work.spec = spec
+            del self.prompts[work.index]  # each index is issued once: keep memory flat
 
     def _stage_generate(self, batch: list[Work]) -> None:
         generator = self.instance(self.resolved.one("generator"))
