@@ -764,6 +764,7 @@ class Engine:
             qa=qa,
             prompt_writer=spec.writer + (" (edited)" if spec.edited else ""),
             timings=candidate.timings,
+            warnings=candidate.warnings,
         )
         row = record.model_dump(
             mode="json", exclude={"verdicts": {"__all__": {"artefacts"}}}

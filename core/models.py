@@ -159,6 +159,7 @@ class Record(BaseModel):
     qa: dict[str, Any] = Field(default_factory=dict)
     prompt_writer: str = ""
     timings: dict[str, float] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
 
 
 class Rejection(BaseModel):
