@@ -65,6 +65,10 @@ class Component:
         """Model ids, versions and hashes this component used, for run.json."""
         return {}
 
+    def usage(self) -> dict[str, float]:
+        """Counters for run.json and the summary, e.g. tokens, calls, estimated cost."""
+        return {}
+
     def close(self) -> None:
         """Release models and connections."""
 

@@ -65,6 +65,9 @@ def run_info(engine: Engine, status: str, summary: RunSummary | None) -> dict[st
             if instance is not None:
                 try:
                     described = instance.describe()
+                    used = instance.usage()
+                    if used:
+                        described["usage"] = used
                 except Exception as exc:  # describing must never break a run
                     described = {"error": str(exc)}
             owner = engine.plugins.owner(stage, spec.cls.name)
