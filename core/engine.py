@@ -181,28 +181,44 @@ class Engine:
         self.references = {r.id: r for r in references}
         self.fingerprint = self.resolved.fingerprint([r.sha256 for r in references])
         self.out = self._prepare_output(Path(settings.output).expanduser())
-        self.journal = jr.Journal(self.out / "journal.sqlite")
         try:
-            for failure in ref_failures:
-                self.journal.add_failure(failure.model_dump())
-            self.context = RunContext(self.resolved, self.out, self.fingerprint)
-            for specs in self.resolved.components.values():
-                for spec in specs:  # options errors surface now, models load later
-                    self.instance(spec)
-            self._write_run_json("running")
-            self._reconcile()
-            self.plugins.hook.run_started(run=self.context)
-            summary = self._run(references, started)
-            self._write_run_json(summary.status, summary)
-            self.plugins.hook.run_finished(run=self.context, summary=summary)
-            return summary
+            self.journal = jr.Journal(self.out / "journal.sqlite")
+            try:
+                return self._run_in_folder(references, ref_failures, started)
+            finally:
+                for instance in self._instances.values():
+                    try:
+                        instance.close()
+                    except Exception:  # closing must not hide the run's own error
+                        log.exception("closing %s failed", instance.name)
+                self.journal.close()
         finally:
-            for instance in self._instances.values():
-                try:
-                    instance.close()
-                except Exception:  # closing must not hide the run's own error
-                    log.exception("closing %s failed", instance.name)
-            self.journal.close()
+            self._lock.close()
+
+    def _run_in_folder(self, references, ref_failures, started) -> RunSummary:
+        for failure in ref_failures:
+            self.journal.add_failure(failure.model_dump())
+        self.context = RunContext(self.resolved, self.out, self.fingerprint)
+        for specs in self.resolved.components.values():
+            for spec in specs:  # options errors surface now, models load later
+                self.instance(spec)
+        self._write_run_json("running")
+        self._reconcile()
+        self.plugins.hook.run_started(run=self.context)
+        try:
+            summary = self._run(references, started)
+        except BaseException as exc:
+            # Record why the run stopped; the same command picks it up again.
+            self._rewrite_jsonl()
+            reason = str(exc) or type(exc).__name__
+            summary = self._summary("stopped", started)
+            summary.message = f"stopped: {reason}; run the same command to resume"
+            self._write_run_json("stopped", summary)
+            self.plugins.hook.run_finished(run=self.context, summary=summary)
+            raise
+        self._write_run_json(summary.status, summary)
+        self.plugins.hook.run_finished(run=self.context, summary=summary)
+        return summary
 
     # --- output folder -------------------------------------------------------------
 
@@ -216,6 +232,16 @@ class Engine:
             raise InputError(
                 f"output folder cannot be written: {out} ({exc.strerror})"
             ) from None
+        self._lock = store.lock_folder(out)
+        try:
+            self._check_folder(out)
+        except BaseException:
+            self._lock.close()
+            raise
+        return out
+
+    def _check_folder(self, out: Path) -> None:
+        """Refuse a folder that holds another run or files of someone else's."""
         run_json = out / "run.json"
         if run_json.exists():
             import json
@@ -237,16 +263,15 @@ class Engine:
                         "pass --fresh to start afresh there, or choose another -o"
                     )
                 self._wipe(out)
-        elif any(out.iterdir()) and not (out / "journal.sqlite").exists():
-            stray = sorted(p.name for p in out.iterdir())[:3]
-            if not self.fresh and not set(stray) <= set(RUN_FILES) | set(
-                store.DATA_DIRS
-            ):
+        elif not self.fresh:
+            known = {*RUN_FILES, *store.DATA_DIRS, store.LOCK_FILE, "report"}
+            stray = sorted(p.name for p in out.iterdir() if p.name not in known)
+            if stray:
+                more = "..." if len(stray) > 3 else ""
                 raise ResumeError(
-                    f"{out} is not empty and holds no chatroom run ({', '.join(stray)}...); "
-                    "choose an empty or new folder"
+                    f"{out} holds files that no chatroom run wrote "
+                    f"({', '.join(stray[:3])}{more}); choose an empty or new folder"
                 )
-        return out
 
     def _wipe(self, out: Path) -> None:
         """Remove what an earlier run wrote (and nothing else)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"
 DATA_DIRS = ("images", "masks", "poses")
 
 
@@ -81,3 +82,27 @@ def remove_orphans(out: Path, keep: set[str]) -> list[str]:
         path.unlink()
         removed.append(path.name)
     return removed
+
+
+def lock_folder(out: Path):
+    """Hold an exclusive lock on a run folder; the OS releases it if the run dies."""
+    import fcntl
+
+    from .errors import ResumeError
+
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ResumeError(
+            f"{out} is in use by another chatroom run ({holder}); wait for it to "
+            "finish or choose another -o"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle

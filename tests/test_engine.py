@@ -245,3 +245,55 @@ def test_bad_option_value_names_component_option_and_value(chatroom_run, few_ref
     message = str(err.value)
     assert "filters.image_checks" in message and "min_std" in message
     assert "'lots'" in message and "float" in message
+
+
+def test_two_runs_cannot_share_a_folder(chatroom_run, few_refs, tmp_path):
+    from chatroom.store import lock_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = lock_folder(out)
+    try:
+        with pytest.raises(ResumeError, match="in use by another chatroom run"):
+            chatroom_run(few_refs, count=1, output=out)
+    finally:
+        held.close()
+    summary, _ = chatroom_run(few_refs, count=1, output=out)
+    assert summary.written == 1
+
+
+def test_a_folder_of_other_files_is_refused(chatroom_run, few_refs, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(ResumeError, match="no chatroom run wrote.*thesis.tex"):
+        chatroom_run(few_refs, count=1, output=out)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_a_fatal_error_stops_the_run_and_the_same_call_resumes(
+    chatroom_run, few_refs, monkeypatch
+):
+    from chatroom.errors import QuotaExhausted
+
+    original = FakeGenerator.generate
+    calls = {"n": 0}
+
+    def quota_after_two(self, specs, seeds):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise QuotaExhausted("the provider says the quota is used up")
+        return original(self, specs, seeds)
+
+    monkeypatch.setattr(FakeGenerator, "generate", quota_after_two)
+    with pytest.raises(QuotaExhausted, match="quota is used up"):
+        chatroom_run(few_refs, count=5)
+    out = few_refs.parent / "out"
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "stopped"
+    assert "quota is used up" in info["summary"]["message"]
+    assert not (out / "failures.jsonl").read_text().strip()
+
+    monkeypatch.setattr(FakeGenerator, "generate", original)
+    summary, _ = chatroom_run(few_refs, count=5)
+    assert summary.written == 5 and summary.failed == 0
