@@ -191,8 +191,7 @@ def field_rows(
 
 
 def _sentence(text: str) -> str:
-    text = text.strip().rstrip(".")
-    return text[:1].upper() + text[1:] + "."
+    return text.strip().rstrip(".") + "."
 
 
 def _first_line(text: str) -> str:
