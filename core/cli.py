@@ -34,9 +34,11 @@ def _setup_logging(verbose: int) -> None:
     from .console import stderr
 
     handler = RichHandler(console=stderr(), show_path=False, rich_tracebacks=False)
+    # Other libraries keep to warnings; CHATROOM_LOG and -v tune chatroom's own.
     logging.basicConfig(
-        level=level, format="%(message)s", handlers=[handler], force=True
+        level=logging.WARNING, format="%(message)s", handlers=[handler], force=True
     )
+    logging.getLogger("chatroom").setLevel(level)
 
 
 class Main(click.Group):

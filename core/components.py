@@ -55,7 +55,9 @@ class Component:
     stage: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
     description: ClassVar[str] = ""
-    batch_size: ClassVar[int] = 1
+    # (import name, what to pip install) for each optional library; `chatroom doctor`
+    # checks them without importing.
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, options: Options, context: Context):
         self.options = options

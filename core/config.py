@@ -165,7 +165,14 @@ def validate_run_settings(data: dict[str, Any]) -> RunSettings:
 
 
 def is_secret(key: str) -> bool:
+    """Whether a setting's value is a secret (``api_key``, ``hf_token``...).
+
+    Names of environment variables (``api_key_env``) and counts (``max_tokens``)
+    are not secrets.
+    """
     last = key.rsplit(".", 1)[-1].lower()
+    if last.endswith("_env") or last.endswith("tokens"):
+        return False
     return any(word in last for word in SECRET_WORDS)
 
 

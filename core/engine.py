@@ -250,11 +250,16 @@ class Engine:
                 old = json.loads(run_json.read_text(encoding="utf-8"))
             except ValueError:
                 old = {}
-            if old.get("fingerprint") != self.fingerprint:
+            changed = changed_keys(
+                old.get("settings", {}), self.resolved.settings_with_sources()
+            )
+            inputs = self.resolved.inputs_digest(
+                [r.sha256 for r in self.references.values()]
+            )
+            if old.get("fingerprint") != self.fingerprint and (
+                changed or old.get("inputs") != inputs or self.fresh
+            ):
                 if not self.fresh:
-                    changed = changed_keys(
-                        old.get("settings", {}), self.resolved.settings_with_sources()
-                    )
                     what = ", ".join(changed[:8]) or "references or domain pack"
                     if len(changed) > 8:
                         what += f" and {len(changed) - 8} more"
@@ -263,6 +268,10 @@ class Engine:
                         "pass --fresh to start afresh there, or choose another -o"
                     )
                 self._wipe(out)
+            elif old.get("fingerprint") != self.fingerprint:
+                # Only options added or dropped at their defaults: same run.
+                log.info("continuing run %s (options at defaults changed)", out)
+                self.fingerprint = old["fingerprint"]
         elif not self.fresh:
             known = {*RUN_FILES, *store.DATA_DIRS, store.LOCK_FILE, "report"}
             stray = sorted(p.name for p in out.iterdir() if p.name not in known)

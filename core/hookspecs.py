@@ -16,27 +16,42 @@ hookimpl = pluggy.HookimplMarker("chatroom")
 
 @hookspec
 def register_extractors(register):
-    """Offer extractors: ``register(cls)`` with a ``chatroom.Extractor`` subclass."""
+    """Offer extractors: call ``register(cls)`` with each class.
+
+    Each class subclasses ``chatroom.components.Extractor``.
+    """
 
 
 @hookspec
 def register_prompters(register):
-    """Offer prompters: ``register(cls)`` with a ``chatroom.Prompter`` subclass."""
+    """Offer prompters: call ``register(cls)`` with each class.
+
+    Each class subclasses ``chatroom.components.Prompter``.
+    """
 
 
 @hookspec
 def register_generators(register):
-    """Offer generators: ``register(cls)`` with a ``chatroom.Generator`` subclass."""
+    """Offer generators: call ``register(cls)`` with each class.
+
+    Each class subclasses ``chatroom.components.Generator``.
+    """
 
 
 @hookspec
 def register_filters(register):
-    """Offer filters: ``register(cls)`` with a ``chatroom.Filter`` subclass."""
+    """Offer filters: call ``register(cls)`` with each class.
+
+    Each class subclasses ``chatroom.components.Filter``.
+    """
 
 
 @hookspec
 def register_annotators(register):
-    """Offer annotators: ``register(cls)`` with a ``chatroom.Annotator`` subclass."""
+    """Offer annotators: call ``register(cls)`` with each class.
+
+    Each class subclasses ``chatroom.components.Annotator``.
+    """
 
 
 @hookspec
@@ -57,9 +72,15 @@ def run_started(run):
 
 @hookspec
 def record_written(run, record):
-    """Called after a ``Record`` is committed to the journal and its files exist."""
+    """Called after a record is committed to the journal and its files exist.
+
+    ``record`` is a ``chatroom.models.Record``.
+    """
 
 
 @hookspec
 def run_finished(run, summary):
-    """Called when a run ends, completed or not; ``summary`` is a ``RunSummary``."""
+    """Called when a run ends, completed, out of budget or stopped by an error.
+
+    ``summary`` is a ``chatroom.engine.RunSummary``.
+    """

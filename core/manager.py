@@ -132,14 +132,28 @@ class Plugins:
         self.infos[info.name] = info
         for stage, item in offered:
             if stage == "domain":
-                self.domains[item.name] = item
-                self.domain_owners[item.name] = info.name
-                info.domains.append(item.name)
+                domain_name, path = item
+                self._warn_replaced("domain", domain_name, self.domain_owners, info)
+                self.domains[domain_name] = path
+                self.domain_owners[domain_name] = info.name
+                info.domains.append(domain_name)
             else:
+                self._warn_replaced(stage, item.name, self.owners, info)
                 self.components[stage][item.name] = item
                 self.owners[f"{stage}:{item.name}"] = info.name
                 info.stages.add(stage)
                 info.components.append(f"{stage}:{item.name}")
+
+    def _warn_replaced(self, stage: str, name: str, owners: dict, info) -> None:
+        key = name if stage == "domain" else f"{stage}:{name}"
+        if key in owners and owners[key] != info.name:
+            log.warning(
+                "%s '%s' of plugin '%s' replaces the one of plugin '%s'",
+                stage,
+                name,
+                info.name,
+                owners[key],
+            )
 
     def _unknown_hooks(self, plugin: object) -> str:
         """'' or a message naming hooks the plugin implements that do not exist."""
@@ -186,10 +200,13 @@ class Plugins:
 
     def _check(self, stage: str, item):
         if stage == "domain":
+            import tomllib
+
             path = Path(item)
             if not (path / "pack.toml").is_file():
                 raise PluginError(f"registered {path}, which has no pack.toml")
-            return path
+            with open(path / "pack.toml", "rb") as fh:
+                return tomllib.load(fh).get("name", path.name), path
         if not (isinstance(item, type) and issubclass(item, Component)):
             raise PluginError(
                 f"registered {item!r} as a {stage}; expected a chatroom component class"

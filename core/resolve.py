@@ -64,18 +64,24 @@ class Resolved:
     def one(self, stage: str) -> ComponentSpec:
         return self.components[stage][0]
 
-    def fingerprint(self, reference_hashes: list[str]) -> str:
+    def inputs_digest(self, reference_hashes: list[str]) -> str:
+        """What the run reads besides its settings: the domain pack and the photos."""
         body = {
-            "settings": {
-                k: v
-                for k, v in self.flat.items()
-                if k.split(".")[0] not in cfg.RUN_CONTROL
-            },
             "domain": self.domain.model_dump(exclude={"path", "settings", "profiles"}),
             "references": sorted(reference_hashes),
         }
-        text = json.dumps(body, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _digest(body)
+
+    def fingerprint(self, reference_hashes: list[str]) -> str:
+        """Identifies what a run produces; item ids derive from it."""
+        settings = {
+            k: v
+            for k, v in self.flat.items()
+            if k.split(".")[0] not in cfg.RUN_CONTROL and not cfg.is_secret(k)
+        }
+        return _digest(
+            {"settings": settings, "inputs": self.inputs_digest(reference_hashes)}
+        )
 
     def settings_with_sources(self) -> dict[str, dict[str, Any]]:
         redacted = cfg.redact(self.flat)
@@ -200,13 +206,25 @@ def _deep_update(into: dict, other: dict) -> None:
             into[key] = value
 
 
+def _digest(body: dict) -> str:
+    text = json.dumps(body, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Settings (outside run control) whose values differ between two runs."""
-    keys = set(old) | set(new)
+    """Settings (outside run control) whose values differ between two runs.
+
+    An option that only one side has, at its default, is not a change: a plugin
+    upgrade that adds or drops an option leaves earlier runs resumable.
+    """
     out = []
-    for key in sorted(keys):
+    for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in cfg.RUN_CONTROL:
             continue
+        if key not in old or key not in new:
+            side = new.get(key) or old.get(key)
+            if str(side.get("source", "")).startswith("default"):
+                continue
         if old.get(key, {}).get("value") != new.get(key, {}).get("value"):
             out.append(key)
     return out

@@ -86,6 +86,9 @@ def run_info(engine: Engine, status: str, summary: RunSummary | None) -> dict[st
         "chatroom": __version__,
         "status": status,
         "fingerprint": engine.fingerprint,
+        "inputs": resolved.inputs_digest(
+            [r.sha256 for r in engine.references.values()]
+        ),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": redact_argv(sys.argv),
         "domain": {"name": resolved.domain.name, "path": resolved.domain.path},

@@ -89,12 +89,12 @@ def show_doctor(config_path, domain, overrides) -> bool:
 
 def _checks(spec):
     """(check, ok, detail) rows from the component's declared needs and options."""
-    for library, extra in getattr(spec.cls, "requires", ()):
+    for library, requirement in spec.cls.requires:
         found = importlib.util.find_spec(library) is not None
         yield (
             f"library {library}",
             found,
-            "" if found else f"pip install 'chatroom[{extra}]'",
+            "" if found else f"pip install '{requirement}'",
         )
     options = spec.options.model_dump()
     for key, value in options.items():
@@ -102,6 +102,8 @@ def _checks(spec):
             value, str
         ):
             if not value:
+                if key == "model":
+                    yield "weights model", False, "not set"
                 continue
             local = os.path.exists(os.path.expanduser(value))
             hub = "/" in value and not value.startswith((".", "/", "~"))

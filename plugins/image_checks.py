@@ -63,14 +63,14 @@ class ImageChecks(Filter):
                 filter=self.name,
                 passed=False,
                 scores=scores,
-                reason=f"near-constant {level} image (std {std:.2f})",
+                reason=f"near-constant {level} image",
             )
         if flat > self.options.max_flat_share:
             return Verdict(
                 filter=self.name,
                 passed=False,
                 scores=scores,
-                reason=f"{flat:.0%} of pixels share one grey level",
+                reason="most pixels share one grey level",
             )
         return Verdict(filter=self.name, passed=True, scores=scores)
 

@@ -30,6 +30,14 @@ class StaticExtractor(Extractor):
     description = "attribute bank from the config or a JSONL file, no model"
     Options = StaticOptions
 
+    def __init__(self, options, context):
+        super().__init__(options, context)
+        if not options.values and not options.file:
+            raise ConfigError(
+                "extractor (static): set extractor.values (attribute -> list of "
+                "values) or extractor.file (a JSONL bank)"
+            )
+
     def extract(self, references, domain) -> AttributeBank:
         entries: list[BankEntry] = []
         if self.options.file:

@@ -297,3 +297,24 @@ def test_a_fatal_error_stops_the_run_and_the_same_call_resumes(
     monkeypatch.setattr(FakeGenerator, "generate", original)
     summary, _ = chatroom_run(few_refs, count=5)
     assert summary.written == 5 and summary.failed == 0
+
+
+def test_a_run_from_before_a_plugin_upgrade_resumes(chatroom_run, few_refs):
+    _, out = chatroom_run(few_refs, count=2)
+    info = json.loads((out / "run.json").read_text())
+    # as written by a version whose filter did not have this option yet
+    del info["settings"]["filters.image_checks.max_flat_share"]
+    info["fingerprint"] = "0123456789abcdef"
+    (out / "run.json").write_text(json.dumps(info))
+
+    summary, _ = chatroom_run(few_refs, count=3)
+
+    assert summary.written == 3
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == "0123456789abcdef"
+
+
+def test_changed_references_refuse_to_resume(chatroom_run, few_refs):
+    chatroom_run(few_refs, count=1)
+    next(few_refs.iterdir()).unlink()
+    with pytest.raises(ResumeError, match="references or domain pack"):
+        chatroom_run(few_refs, count=1)
