@@ -75,6 +75,21 @@ class Component:
         """Release models and connections."""
 
 
+class ItemFailed:
+    """Returned by a stage in place of one item's result: that item failed, why.
+
+    The engine records the reason in failures.jsonl and goes on with the others;
+    over-generation replaces the item. Raise a ``ChatroomError`` instead to stop the
+    whole run (a quota used up, a missing library).
+    """
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"ItemFailed({self.reason!r})"
+
+
 class Extractor(Component):
     stage = "extractor"
 
@@ -89,14 +104,18 @@ class Prompter(Component):
 
     def write(
         self, items: list[PlanItem], domain: Domain
-    ) -> list[PromptSpec]:  # pragma: no cover
+    ) -> list[PromptSpec | ItemFailed]:  # pragma: no cover
+        """One prompt per item, in order; an ``ItemFailed`` for an item that failed."""
         raise NotImplementedError
 
 
 class Generator(Component):
     stage = "generator"
 
-    def generate(self, specs: list[PromptSpec], seeds: list[int]) -> list[Candidate]:
+    def generate(
+        self, specs: list[PromptSpec], seeds: list[int]
+    ) -> list[Candidate | ItemFailed]:
+        """One candidate per spec, in order; an ``ItemFailed`` for one that failed."""
         raise NotImplementedError  # pragma: no cover
 
 

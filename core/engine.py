@@ -20,7 +20,7 @@ from typing import Any
 
 from . import journal as jr
 from . import store
-from .components import Component, Context
+from .components import Component, Context, ItemFailed
 from .errors import ChatroomError, InputError, ResumeError
 from .manager import Plugins
 from .models import (
@@ -57,6 +57,7 @@ RUN_FILES = (
 )
 STAGE_NAMES = ("prompt", "generate", "filter", "annotate", "write")
 MAX_FAILURES_IN_A_ROW = 20
+POLL = 0.1  # seconds a thread waits on a queue before it checks for a stop
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Work:
 
     def decide(
         self, outcome: str, stage: str, component: str, reason: str, scores=None
-    ):
+    ) -> Work:
         self.outcome, self.stage, self.component, self.reason = (
             outcome,
             stage,
@@ -88,6 +89,7 @@ class Work:
             reason,
         )
         self.scores = dict(scores or {})
+        return self
 
 
 @dataclass
@@ -352,7 +354,17 @@ class Engine:
         progress.phase = "prompting"
         self.prompts = self._load_prompts()
         if settings.stop_after == "prompts":
-            self._prompt_all(range(settings.count))
+            for index, result in enumerate(self._prompt_all(range(settings.count))):
+                if isinstance(result, ItemFailed):
+                    self._write(
+                        Work(plan=self._plan(index)).decide(
+                            "failed",
+                            "prompt",
+                            self.resolved.one("prompter").key,
+                            result.reason,
+                        )
+                    )
+            self._rewrite_jsonl()
             return self._summary("stopped after prompts", started)
 
         progress.phase = "generating"
@@ -460,21 +472,25 @@ class Engine:
             prompts[spec.index] = spec
         return prompts
 
-    def _prompt_all(self, indices) -> list[PromptSpec]:
+    def _prompt_all(self, indices) -> list[PromptSpec | ItemFailed]:
         """Prompts for these indices: from prompts.jsonl, else written now."""
         items = [self._plan(i) for i in indices]
         missing = [it for it in items if it.index not in self.prompts]
+        failed: dict[int, ItemFailed] = {}
         if missing:
             spec = self.resolved.one("prompter")
             written = self.instance(spec).write(missing, self.domain)
             for item, prompt in zip(missing, written, strict=True):
+                if isinstance(prompt, ItemFailed):
+                    failed[item.index] = prompt
+                    continue
                 prompt.index, prompt.item_id = item.index, item.item_id
                 prompt.entries = prompt.entries or item.entries
                 prompt.writer = prompt.writer or spec.cls.name
                 self.journal.put(f"prompt:{item.index}", prompt.prompt)
                 self._append("prompts.jsonl", prompt.model_dump())
                 self.prompts[item.index] = prompt
-        return [self.prompts[it.index] for it in items]
+        return [failed.get(it.index) or self.prompts[it.index] for it in items]
 
     def _plan(self, index: int) -> PlanItem:
         return plan_item(
@@ -511,19 +527,39 @@ class Engine:
         try:
             self._write_loop(queues[-1])
         finally:
-            with self._cond:
-                self._stopping = True
-                self._cond.notify_all()
-            for q in queues:  # unblock producers so the threads end
-                while True:
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        break
+            self._halt()
             for thread in threads:
-                thread.join(timeout=5)
+                thread.join(timeout=30)
         if self._error is not None:
             raise self._error
+
+    def _halt(self) -> None:
+        """Tell every thread to stop; they notice within a queue poll."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        """Put unless the run is stopping; False when it is."""
+        while not self._stopping:
+            try:
+                q.put(item, timeout=POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue, timeout: float | None = None):
+        """The next item, STOP when the run is stopping, None after ``timeout``."""
+        waited = 0.0
+        while not self._stopping:
+            try:
+                return q.get(timeout=POLL)
+            except queue.Empty:
+                waited += POLL
+                if timeout is not None and waited >= timeout:
+                    return None
+        return STOP
 
     def _batch(self, stage: str) -> int:
         specs = self.resolved.components.get(stage, [])
@@ -554,25 +590,26 @@ class Engine:
                     if self._stopping:
                         break
                     self._inflight += 1
-                out.put(Work(plan=self._plan(index)))
+                if not self._put(out, Work(plan=self._plan(index))):
+                    return
                 index += 1
         except BaseException as exc:  # surfaced by the writer
             self._error = self._error or exc
-        out.put(STOP)
+            self._halt()
+        self._put(out, STOP)
 
     def _worker(
         self, name: str, fn, batch_size: int, inq: queue.Queue, outq: queue.Queue
     ) -> None:
         finished = False
         while not finished:
-            first = inq.get()
+            first = self._get(inq)
             if first is STOP:
                 break
             batch = [first]
             while len(batch) < batch_size:
-                try:
-                    nxt = inq.get(timeout=0.05)
-                except queue.Empty:
+                nxt = self._get(inq, timeout=0.05)
+                if nxt is None:
                     break
                 if nxt is STOP:
                     finished = True
@@ -584,6 +621,7 @@ class Engine:
                     fn(live)
                 except ChatroomError as exc:  # fatal: config, quota, missing library
                     self._error = self._error or exc
+                    self._halt()
                     for work in live:  # not journaled: a later run does them again
                         work.decide("aborted", name, "", str(exc))
                 except Exception as exc:
@@ -594,12 +632,18 @@ class Engine:
                         work.decide("failed", name, "", f"{type(exc).__name__}: {exc}")
             self.progress.done[name] += len(batch)
             for work in batch:
-                outq.put(work)
-        outq.put(STOP)
+                if not self._put(outq, work):
+                    return
+        self._put(outq, STOP)
 
     def _stage_prompt(self, batch: list[Work]) -> None:
         specs = self._prompt_all([w.index for w in batch])
         for work, spec in zip(batch, specs, strict=True):
+            if isinstance(spec, ItemFailed):
+                work.decide(
+                    "failed", "prompt", self.resolved.one("prompter").key, spec.reason
+                )
+                continue
             work.spec = spec
             del self.prompts[work.index]  # each index is issued once: keep memory flat
 
@@ -609,7 +653,12 @@ class Engine:
             [w.spec for w in batch], [w.plan.seed for w in batch]
         )
         for work, candidate in zip(batch, candidates, strict=True):
+            if isinstance(candidate, ItemFailed):
+                work.decide("failed", "generate", "generator", candidate.reason)
+                continue
             work.candidate = candidate
+            if candidate.rejected:
+                work.decide("rejected", "generate", "generator", candidate.rejected)
 
     def _stage_filter(self, batch: list[Work]) -> None:
         for spec in self.resolved.components.get("filter", []):
@@ -646,7 +695,7 @@ class Engine:
     def _write_loop(self, inq: queue.Queue) -> None:
         progress = self.progress
         while True:
-            work = inq.get()
+            work = self._get(inq)
             if work is STOP:
                 return
             try:
@@ -702,6 +751,7 @@ class Engine:
                 scores=work.scores,
                 prompt=spec.prompt if spec else "",
                 seed=work.plan.seed,
+                warnings=work.candidate.warnings if work.candidate else [],
             )
             journal.finish(
                 work.index,

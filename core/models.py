@@ -106,6 +106,7 @@ class Candidate(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     received_prompt: str | None = None
     warnings: list[str] = Field(default_factory=list)
+    rejected: str | None = None  # set by a generator that knows its image is bad
 
 
 class Verdict(BaseModel):
@@ -173,6 +174,7 @@ class Rejection(BaseModel):
     scores: dict[str, float] = Field(default_factory=dict)
     prompt: str = ""
     seed: int = 0
+    warnings: list[str] = Field(default_factory=list)
 
 
 class Failure(BaseModel):

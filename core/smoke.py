@@ -5,9 +5,15 @@
 - ``sd15/``: a diffusers Stable Diffusion 1.5 folder (UNet, VAE, CLIP text encoder,
   CLIP tokenizer, scheduler), saved with ``save_pretrained`` so that
   ``StableDiffusionPipeline.from_pretrained`` loads it like a real checkpoint;
+- ``sd15.safetensors``: the same model as one file in the original SD checkpoint
+  layout (``model.diffusion_model.*``, ``first_stage_model.*``,
+  ``cond_stage_model.transformer.*``), which ``from_single_file`` loads with
+  ``config=sd15/``;
+- ``esrgan/RealESRGAN_x4plus-smoke.safetensors``: an x4 RRDBNet (the "R-ESRGAN 4x+"
+  architecture) in Real-ESRGAN's key layout, with few blocks and filters;
 - ``blip2/``: a BLIP-2 (OPT) model and processor, saved so that
   ``Blip2ForConditionalGeneration`` and ``Blip2Processor`` load it;
-- ``smoke.toml``: a run config that points every local backend at those folders.
+- ``smoke.toml``: a run config that points every local backend at those files.
 
 The weights are random (seeded, so the files are the same on every write): the models
 run through the same code as real weights but produce noise and garbage text.
@@ -47,6 +53,7 @@ two one small large big tall slim loose tight modern classic vintage simple
 """.split()
 
 PUNCTUATION = [".", ",", ":", "?", "!", "'", "-", "(", ")"]
+ESRGAN_FILE = "RealESRGAN_x4plus-smoke.safetensors"
 
 
 def write_smoke_models(directory: str | Path) -> Path:
@@ -61,6 +68,9 @@ def write_smoke_models(directory: str | Path) -> Path:
     started = time.perf_counter()
     torch.manual_seed(SEED)
     write_sd15(directory / "sd15")
+    write_sd15_single_file(directory / "sd15", directory / "sd15.safetensors")
+    torch.manual_seed(SEED)
+    write_esrgan(directory / "esrgan" / ESRGAN_FILE)
     torch.manual_seed(SEED)
     write_blip2(directory / "blip2")
     write_config(directory)
@@ -115,6 +125,7 @@ def _clip_vocab(directory: Path) -> None:
 def write_sd15(directory: Path) -> Path:
     """A tiny SD 1.5 pipeline folder: 8x VAE, two-level UNet, four-layer CLIP."""
     try:
+        import torch
         from diffusers import (
             AutoencoderKL,
             DPMSolverMultistepScheduler,
@@ -145,6 +156,11 @@ def write_sd15(directory: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder = CLIPTextModel(text_config)
+    # A trained CLIP's final layer norm has a bias, so its embeddings' mean is not
+    # zero; the WebUI's emphasis divides by that mean.
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.bias.copy_(torch.randn(norm.bias.shape) * 0.5)
 
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -190,6 +206,177 @@ def write_sd15(directory: Path) -> Path:
     )
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+def _ldm_unet_key(key: str, config) -> str:
+    """A diffusers UNet key in the original (LDM) layout of SD 1.x checkpoints."""
+    top = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    module, _, param = key.rpartition(".")
+    if module in top:
+        return f"{top[module]}.{param}"
+    per_level = config["layers_per_block"] + 1
+    resnet = (
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("conv_shortcut", "skip_connection"),
+    )
+
+    def resnet_rest(rest: str) -> str:
+        for new, old in resnet:
+            if rest == new or rest.startswith(new + "."):
+                return old + rest[len(new) :]
+        return rest
+
+    parts = key.split(".")
+    if parts[0] == "down_blocks":
+        level, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":  # down_blocks.L.downsamplers.0.conv.P
+            return f"input_blocks.{1 + level * per_level + per_level - 1}.0.op.{param}"
+        index = 1 + level * per_level + int(parts[3])
+        rest = ".".join(parts[4:])
+        if kind == "resnets":
+            return f"input_blocks.{index}.0.{resnet_rest(rest)}"
+        return f"input_blocks.{index}.1.{rest}"
+    if parts[0] == "mid_block":
+        rest = ".".join(parts[3:])
+        if parts[1] == "resnets":
+            return f"middle_block.{2 * int(parts[2])}.{resnet_rest(rest)}"
+        return f"middle_block.1.{rest}"
+    if parts[0] == "up_blocks":
+        level, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":
+            has_attention = config["up_block_types"][level].startswith("CrossAttn")
+            slot = 2 if has_attention else 1
+            index = level * per_level + per_level - 1
+            return f"output_blocks.{index}.{slot}.conv.{param}"
+        index = level * per_level + int(parts[3])
+        rest = ".".join(parts[4:])
+        if kind == "resnets":
+            return f"output_blocks.{index}.0.{resnet_rest(rest)}"
+        return f"output_blocks.{index}.1.{rest}"
+    raise ValueError(f"no LDM name for UNet key {key!r}")
+
+
+def _ldm_vae_key(key: str, config) -> str:
+    """A diffusers VAE key in the original (LDM) layout."""
+    simple = {"conv_norm_out": "norm_out"}
+    parts = key.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    coder, rest = parts[0], parts[1:]
+    if rest[0] in ("conv_in", "conv_out", "conv_norm_out"):
+        return ".".join([coder, simple.get(rest[0], rest[0]), *rest[1:]])
+    if rest[0] == "mid_block":
+        if rest[1] == "resnets":
+            tail = ".".join(rest[3:]).replace("conv_shortcut", "nin_shortcut")
+            return f"{coder}.mid.block_{int(rest[2]) + 1}.{tail}"
+        attention = {
+            "group_norm": "norm",
+            "to_q": "q",
+            "to_k": "k",
+            "to_v": "v",
+            "to_out": "proj_out",
+        }
+        name = attention[rest[3]]
+        return f"{coder}.mid.attn_1.{name}.{rest[-1]}"
+    levels = len(config["up_block_types"])
+    level = int(rest[1])
+    if rest[0] == "down_blocks":
+        if rest[2] == "downsamplers":
+            return f"{coder}.down.{level}.downsample.conv.{rest[-1]}"
+        tail = ".".join(rest[4:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{coder}.down.{level}.block.{rest[3]}.{tail}"
+    original = levels - 1 - level  # LDM numbers the decoder's levels upwards
+    if rest[2] == "upsamplers":
+        return f"{coder}.up.{original}.upsample.conv.{rest[-1]}"
+    tail = ".".join(rest[4:]).replace("conv_shortcut", "nin_shortcut")
+    return f"{coder}.up.{original}.block.{rest[3]}.{tail}"
+
+
+def sd15_single_file_state_dict(folder: Path) -> dict:
+    """A diffusers SD 1.x folder's weights in the original single-file layout."""
+    from safetensors.torch import load_file
+
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    state = {}
+    unet = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    for key, tensor in unet.items():
+        state["model.diffusion_model." + _ldm_unet_key(key, unet_config)] = tensor
+    vae = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    for key, tensor in vae.items():
+        name = _ldm_vae_key(key, vae_config)
+        if ".mid.attn_1." in name and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # the LDM VAE's attention is 1x1 convs
+        state["first_stage_model." + name] = tensor
+    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    for key, tensor in text.items():
+        key = key.removeprefix("text_model.")
+        state["cond_stage_model.transformer.text_model." + key] = tensor
+    return {key: tensor.contiguous() for key, tensor in state.items()}
+
+
+def write_sd15_single_file(folder: Path, path: Path) -> Path:
+    """Write ``folder``'s SD 1.x weights as one original-layout .safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file(sd15_single_file_state_dict(folder), str(path))
+    return path
+
+
+# --- Real-ESRGAN -----------------------------------------------------------------
+
+
+def esrgan_state_dict(
+    num_feat: int = 8, num_grow: int = 32, num_blocks: int = 2, scale: int = 4
+) -> dict:
+    """Random RRDBNet weights in Real-ESRGAN's (BasicSR's) key layout.
+
+    RealESRGAN_x4plus has 64 features, 32 growth channels and 23 blocks; the layout
+    is the same with fewer features and blocks, so spandrel reads this as the same
+    architecture (it assumes ESRGAN's 32 growth channels).
+    """
+    import torch
+
+    def conv(out_channels: int, in_channels: int, prefix: str) -> dict:
+        weight = torch.randn(out_channels, in_channels, 3, 3) * 0.5 / in_channels
+        return {f"{prefix}.weight": weight, f"{prefix}.bias": torch.zeros(out_channels)}
+
+    state = conv(num_feat, 3, "conv_first")
+    for block in range(num_blocks):
+        for rdb in (1, 2, 3):
+            prefix = f"body.{block}.rdb{rdb}"
+            for i in range(1, 5):
+                state |= conv(
+                    num_grow, num_feat + (i - 1) * num_grow, f"{prefix}.conv{i}"
+                )
+            state |= conv(num_feat, num_feat + 4 * num_grow, f"{prefix}.conv5")
+    state |= conv(num_feat, num_feat, "conv_body")
+    for i in range(1, int(scale).bit_length()):
+        state |= conv(num_feat, num_feat, f"conv_up{i}")
+    state |= conv(num_feat, num_feat, "conv_hr")
+    state |= conv(3, num_feat, "conv_last")
+    # Start near mid-grey so the random model's output is not clamped to black.
+    state["conv_last.bias"] += 0.5
+    return state
+
+
+def write_esrgan(path: Path) -> Path:
+    """A tiny random RealESRGAN_x4plus-layout model as .safetensors."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(esrgan_state_dict(), str(path))
+    return path
 
 
 # --- BLIP-2 ----------------------------------------------------------------------
@@ -302,6 +489,7 @@ def write_blip2(directory: Path) -> Path:
 def write_config(directory: Path) -> Path:
     """``smoke.toml``: every local backend pointed at the tiny models."""
     sd15 = (directory / "sd15").as_posix()
+    esrgan = (directory / "esrgan" / ESRGAN_FILE).as_posix()
     blip2 = (directory / "blip2").as_posix()
     text = f"""\
 # A smoke run: every local backend uses the tiny random-weight models beside this
@@ -327,11 +515,14 @@ height = 96
 clip_skip = 2
 device = "cpu"
 dtype = "float32"
+threads = 2
+upscaler_model = "{esrgan}"
 
+# The paper's hires fix: an R-ESRGAN 4x+ upscale to x2, then img2img.
 [generator.hires]
 enabled = true
-upscaler = "latent"
-scale = 1.5
+upscaler = "R-ESRGAN 4x+"
+scale = 2.0
 steps = 2
 denoise = 0.5
 

@@ -1,10 +1,15 @@
 """Generate images locally with diffusers: SD 1.5 folders and single-file checkpoints.
 
-The prompts are encoded here, from the text encoder's hidden states, so that CLIP skip
-means what it means in the WebUI (1 = last layer, 2 = penultimate, then the final
-layer norm) and applies to the positive and the negative prompt alike. diffusers' own
-``clip_skip`` is off by one against the WebUI, touches the positive prompt only, and
-fails with transformers 5.6 and newer.
+The prompts are encoded here, the WebUI's way (see ``prompt_weighting``): emphasis
+like ``(term:1.2)``, prompts of any length in 75-token chunks, and CLIP skip as the
+WebUI means it (1 = last layer, 2 = penultimate, then the final layer norm) for the
+positive and the negative prompt alike. diffusers' own ``clip_skip`` is off by one
+against the WebUI, touches the positive prompt only, and fails with transformers 5.6
+and newer.
+
+Checkpoints load from ``.safetensors``; pickled files (``.ckpt``, ``.pt``, ``.bin``)
+can run code when loaded, so they need ``allow_pickle = true`` and are then read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +28,8 @@ from chatroom.components import Context, Generator, Options
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Candidate, GenerationSettings, HiresSettings, PromptSpec
+
+from . import prompt_weighting as pw
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +58,14 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DDIM": ("DDIMScheduler", {}),
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
-# Upscalers that work without extra weights. The WebUI's ESRGAN family needs them.
+# Upscalers that need no weights; any other name (the WebUI's "R-ESRGAN 4x+",
+# "4x-UltraSharp", ...) is a model file given by ``upscaler_model``.
 UPSCALERS = ("latent", "lanczos")
-# WebUI emphasis syntax, which encode_prompts does not apply yet.
-WEIGHTED = re.compile(r"\([^()]*:\s*[0-9.]+\s*\)")
 # SD 1.x's noise schedule; WebUI samplers always use it for these checkpoints.
+# Ends the note of an image the VAE could not decode; such a candidate is rejected.
+BLACK_NOTE = "returned black"
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+PICKLED = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class DiffusersOptions(Options):
@@ -71,6 +79,12 @@ class DiffusersOptions(Options):
         description="For a single-file checkpoint: a local diffusers folder with the "
         "matching configs and tokenizer (model_index.json, unet/config.json, ...).",
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickled checkpoints (.ckpt, .pt, .pth, .bin), which can "
+        "run code; they are read with torch.load(weights_only=True). Prefer "
+        ".safetensors.",
+    )
     sampler: str = "DPM++ 2M SDE Karras"
     steps: int = Field(30, ge=1)
     cfg_scale: float = Field(7.0, ge=0)
@@ -78,9 +92,21 @@ class DiffusersOptions(Options):
     height: int = Field(768, ge=8)
     clip_skip: int = Field(1, ge=1, description="WebUI meaning: 1 = last layer.")
     hires: HiresSettings = Field(default_factory=HiresSettings)
+    upscaler_model: str = Field(
+        "",
+        description="The weights of hires.upscaler when it is a model (ESRGAN, "
+        "Real-ESRGAN, ...), e.g. RealESRGAN_x4plus.safetensors; any architecture "
+        "spandrel reads.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16"] = "auto"
     batch_size: int = Field(1, ge=1)
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch CPU threads (0: torch's default). CPU results depend on "
+        "it: pin it for byte-identical images across machines.",
+    )
     local_files_only: bool = True
 
     @field_validator("sampler")
@@ -99,6 +125,11 @@ class DiffusersOptions(Options):
         return value
 
 
+def _unusable(notes: list[str]) -> str | None:
+    """The decode note of an image that stayed NaN or black, which must not be kept."""
+    return next((n for n in notes if n.endswith(BLACK_NOTE)), None)
+
+
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """The second pass's size: base size times scale, rounded to a multiple of 8."""
     return (
@@ -107,65 +138,106 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     )
 
 
-def encode_prompts(
-    tokenizer, text_encoder, prompts: list[str], clip_skip: int
-) -> tuple[Any, list[str | None], list[bool]]:
-    """CLIP-encode prompts the WebUI way; return embeddings, received text, truncation.
+# --- prompts -------------------------------------------------------------------------
 
-    CLIP skip ``n`` takes the output of the ``n``-th layer from the end and applies
-    the final layer norm, as the WebUI does; ``n = 1`` is the ordinary last hidden
-    state. Prompts longer than the tokenizer's window are truncated; the received
-    text is what survived, cut from the original at a token boundary.
+
+def vocabulary(tokenizer) -> pw.Vocabulary:
+    """What chunking needs from a CLIP tokenizer."""
+
+    def tokenize(texts):
+        return tokenizer(list(texts), add_special_tokens=False, verbose=False).input_ids
+
+    comma = tokenize([","])[0]
+    return pw.Vocabulary(
+        tokenize=tokenize,
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+        comma=comma[-1] if comma else None,
+    )
+
+
+def encode_chunks(text_encoder, prompts: list[list[pw.Chunk]], clip_skip: int):
+    """Encode prompts of equal chunk counts: ``(prompts, 77 * chunks, dim)``.
+
+    Each chunk goes through the text encoder on its own; CLIP skip ``n`` takes the
+    ``n``-th hidden state from the end and applies the final layer norm, as the
+    WebUI does (``n = 1`` is the ordinary last hidden state). Then the emphasis
+    weights scale the token embeddings and the chunk's mean is restored.
     """
     import torch
 
-    # TODO: WebUI emphasis ("(word:1.2)") and 75-token chunks; until then prompts
-    # are encoded as plain text and anything past one window is cut off.
-    limit = tokenizer.model_max_length
-    received: list[str | None] = []
-    truncated: list[bool] = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
-        if len(ids) <= limit - 2:
-            received.append(prompt)
-            truncated.append(False)
-            continue
-        truncated.append(True)
-        received.append(_kept_text(tokenizer, prompt, limit - 2))
-
-    batch = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=limit,
-        truncation=True,
-        return_tensors="pt",
-    )
+    counts = {len(chunks) for chunks in prompts}
+    if len(counts) != 1:
+        raise ValueError(f"prompts of different chunk counts: {sorted(counts)}")
+    flat = [chunk for chunks in prompts for chunk in chunks]
     device = text_encoder.device
+    ids = torch.tensor([c.ids for c in flat], device=device)
     with torch.no_grad():
-        out = text_encoder(batch.input_ids.to(device), output_hidden_states=True)
+        out = text_encoder(ids, output_hidden_states=True)
         if clip_skip <= 1:
             embeds = out.last_hidden_state
         else:
-            hidden = out.hidden_states[-clip_skip]
             # transformers 5 dropped the ``text_model`` wrapper of CLIPTextModel.
             inner = getattr(text_encoder, "text_model", text_encoder)
-            embeds = inner.final_layer_norm(hidden)
-    return embeds, received, truncated
+            embeds = inner.final_layer_norm(out.hidden_states[-clip_skip])
+        if any(w != 1.0 for c in flat for w in c.weights):
+            embeds = pw.apply_emphasis(embeds, [c.weights for c in flat])
+    return embeds.reshape(len(prompts), -1, embeds.shape[-1])
 
 
-def _kept_text(tokenizer, prompt: str, keep: int) -> str:
-    """The part of ``prompt`` that fits in ``keep`` tokens."""
-    try:
-        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        end = enc["offset_mapping"][keep - 1][1]
-        return prompt[:end]
-    except (NotImplementedError, KeyError, IndexError, TypeError):
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids[:keep]
-        return tokenizer.decode(ids)
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int):
+    """Tokenize and encode prompts, padded to the longest's chunk count.
+
+    Returns the embeddings and each prompt's :class:`TokenizedPrompt`.
+    """
+    vocab = vocabulary(tokenizer)
+    tokenized = [pw.tokenize_prompt(p, vocab) for p in prompts]
+    count = max(len(t.chunks) for t in tokenized)
+    empty = pw.tokenize_prompt("", vocab).chunks[0]
+    padded = [t.padded(count, empty) for t in tokenized]
+    return encode_chunks(text_encoder, padded, clip_skip), tokenized
+
+
+class _Prompts:
+    """One item's positive and negative prompt, chunked, and what to say about it."""
+
+    def __init__(self, spec: PromptSpec, vocab: pw.Vocabulary):
+        self.notes: list[str] = []
+        prompt = self._prepare("prompt", spec.prompt)
+        negative = self._prepare("negative prompt", spec.negative_prompt)
+        self.positive = pw.tokenize_prompt(prompt, vocab)
+        self.negative = pw.tokenize_prompt(negative, vocab)
+        self.chunks = max(len(self.positive.chunks), len(self.negative.chunks))
+        for label, tokenized in (
+            ("prompt", self.positive),
+            ("negative prompt", self.negative),
+        ):
+            line = pw.describe(label, tokenized)
+            missing = self.chunks - len(tokenized.chunks)
+            if missing:
+                padding = f"padded with {missing} empty chunk(s) to {self.chunks}"
+                line = f"{line}; {padding}" if line else f"{label}: {padding}"
+            if line:
+                self.notes.append(line)
+
+    def _prepare(self, label: str, text: str) -> str:
+        text, tags = pw.strip_extra_networks(text)
+        if tags:
+            self.notes.append(
+                f"{label}: extra networks are not supported and were removed: "
+                + " ".join(tags)
+            )
+        for feature in pw.unsupported_syntax(text):
+            self.notes.append(f"{label}: {feature} is not supported: encoded as text")
+        return text
+
+
+# --- the generator -------------------------------------------------------------------
 
 
 class DiffusersGenerator(Generator):
-    """Stable Diffusion through diffusers, WebUI-compatible samplers and CLIP skip."""
+    """Stable Diffusion through diffusers, WebUI-compatible prompts and samplers."""
 
     name = "diffusers"
     description = (
@@ -186,18 +258,32 @@ class DiffusersGenerator(Generator):
                 "generator (diffusers): hires needs 0 < denoise <= 1 and scale > 0, "
                 f"got denoise={hires.denoise}, scale={hires.scale}"
             )
-        if hires.enabled and hires.upscaler.lower() not in UPSCALERS:
+        if hires.enabled and not self._model_upscaler and options.upscaler_model:
+            raise ConfigError(
+                f"generator (diffusers): generator.upscaler_model is set but "
+                f"hires.upscaler is {hires.upscaler!r}, which needs no weights; "
+                "name the model's upscaler (e.g. 'R-ESRGAN 4x+') or unset "
+                "upscaler_model"
+            )
+        if hires.enabled and self._model_upscaler and not options.upscaler_model:
             raise ConfigError(
                 f"generator (diffusers): hires upscaler {hires.upscaler!r} needs "
-                "upscaler weights, which this generator does not support yet; "
-                "use generator.hires.upscaler = 'lanczos' or 'latent'"
+                "its weights: set generator.upscaler_model to the file (e.g. "
+                "RealESRGAN_x4plus.safetensors), or use generator.hires.upscaler = "
+                "'lanczos' or 'latent'"
             )
         self.batch_size = options.batch_size
         self._pipe = None
         self._img2img = None
+        self._upscaler = None
+        self._vae32 = None
         self._sha256: str | None = None
 
-    # --- loading -------------------------------------------------------------------
+    @property
+    def _model_upscaler(self) -> bool:
+        return self.options.hires.upscaler.lower() not in UPSCALERS
+
+    # --- loading ---------------------------------------------------------------------
 
     def _torch_setup(self) -> tuple[str, Any]:
         import torch
@@ -208,6 +294,8 @@ class DiffusersGenerator(Generator):
         dtype = self.options.dtype
         if dtype == "auto":
             dtype = "float16" if device == "cuda" else "float32"
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
         return device, getattr(torch, dtype)
 
     def load(self):
@@ -230,23 +318,36 @@ class DiffusersGenerator(Generator):
         path = Path(self.options.model).expanduser()
         device, dtype = self._torch_setup()
         started = time.perf_counter()
+        common = {
+            "safety_checker": None,
+            "requires_safety_checker": False,
+            "local_files_only": self.options.local_files_only,
+            **_dtype_kwarg(dtype),
+        }
         if path.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(path),
-                safety_checker=None,
-                requires_safety_checker=False,
-                local_files_only=self.options.local_files_only,
-                **_dtype_kwarg(dtype),
-            )
+            # None prefers .safetensors and falls back to pickled weights.
+            safe = None if self.options.allow_pickle else True
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(path), use_safetensors=safe, **common
+                )
+            except OSError as exc:
+                if safe and "safetensors" in str(exc).lower():
+                    raise self._pickle_error(path) from None
+                raise
         elif path.is_file():
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path),
-                config=self._single_file_config(path),
-                safety_checker=None,
-                requires_safety_checker=False,
-                local_files_only=self.options.local_files_only,
-                **_dtype_kwarg(dtype),
-            )
+            if path.suffix.lower() in PICKLED and not self.options.allow_pickle:
+                raise self._pickle_error(path)
+            config = self._single_file_config(path)
+            try:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(path), config=config, **common
+                )
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError(
+                    f"generator (diffusers): cannot load {path.name} as an SD 1.x "
+                    f"checkpoint with the configs in {config}: {exc}"
+                ) from None
         else:
             raise ConfigError(
                 f"generator (diffusers): model {str(path)!r} does not exist; set "
@@ -260,6 +361,17 @@ class DiffusersGenerator(Generator):
             **pipe.components, requires_safety_checker=False
         )
         self._img2img.set_progress_bar_config(disable=True)
+        if self.options.hires.enabled and self._model_upscaler:
+            from .upscalers import ModelUpscaler
+
+            self._upscaler = ModelUpscaler(
+                self.options.upscaler_model,
+                allow_pickle=self.options.allow_pickle,
+                device=device,
+                dtype=dtype,
+                option="generator.upscaler_model",
+            )
+            self._upscaler.load()
         log.info(
             "loaded %s on %s (%s) in %.1f s",
             path,
@@ -268,6 +380,15 @@ class DiffusersGenerator(Generator):
             time.perf_counter() - started,
         )
         return pipe
+
+    def _pickle_error(self, path: Path) -> ConfigError:
+        return ConfigError(
+            f"generator (diffusers): {path.name} is a pickled checkpoint (or a "
+            "folder without .safetensors weights); pickles can run code when "
+            "loaded. Convert it to .safetensors, or set generator.allow_pickle = "
+            "true if you trust the file (it is then read with "
+            "torch.load(weights_only=True))"
+        )
 
     def _single_file_config(self, path: Path) -> str:
         config = self.options.config
@@ -287,7 +408,7 @@ class DiffusersGenerator(Generator):
             )
         return str(folder)
 
-    # --- generation ----------------------------------------------------------------
+    # --- generation ------------------------------------------------------------------
 
     def generate(self, specs: list[PromptSpec], seeds: list[int]) -> list[Candidate]:
         if len(specs) != len(seeds):
@@ -306,42 +427,36 @@ class DiffusersGenerator(Generator):
         return out
 
     def _generate_batch(self, specs: list[PromptSpec], seeds: list[int]):
-        import torch
-
         opts = self.options
-        pipe = self._pipe
         started = time.perf_counter()
+        vocab = vocabulary(self._pipe.tokenizer)
+        prompts = [_Prompts(spec, vocab) for spec in specs]
 
-        prompt_embeds, received, truncated = encode_prompts(
-            pipe.tokenizer, pipe.text_encoder, [s.prompt for s in specs], opts.clip_skip
-        )
-        negative_embeds, _, negative_truncated = encode_prompts(
-            pipe.tokenizer,
-            pipe.text_encoder,
-            [s.negative_prompt for s in specs],
-            opts.clip_skip,
-        )
-
-        # One CPU generator an item: the same seed gives the same image on any
-        # device and in any batch.
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        common = {
-            "prompt_embeds": prompt_embeds,
-            "negative_prompt_embeds": negative_embeds,
-            "guidance_scale": opts.cfg_scale,
-            "generator": generators,
-        }
-        hires = opts.hires
-        if not hires.enabled:
-            images = pipe(
-                width=opts.width,
-                height=opts.height,
-                num_inference_steps=opts.steps,
-                output_type="pil",
-                **common,
-            ).images
-        else:
-            images = self._hires(common)
+        # Items of one chunk count run together: padding a prompt with empty chunks
+        # to match another item's would change its image.
+        images: list[Any] = [None] * len(specs)
+        notes: list[list[str]] = [list(p.notes) for p in prompts]
+        empty = pw.tokenize_prompt("", vocab).chunks[0]
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(prompts):
+            groups.setdefault(item.chunks, []).append(i)
+        for count, members in groups.items():
+            positive = encode_chunks(
+                self._pipe.text_encoder,
+                [prompts[i].positive.padded(count, empty) for i in members],
+                opts.clip_skip,
+            )
+            negative = encode_chunks(
+                self._pipe.text_encoder,
+                [prompts[i].negative.padded(count, empty) for i in members],
+                opts.clip_skip,
+            )
+            group_images, problems = self._sample(
+                positive, negative, [seeds[i] for i in members]
+            )
+            for i, image, problem in zip(members, group_images, problems, strict=True):
+                images[i] = image
+                notes[i].extend(problem)
         elapsed = time.perf_counter() - started
 
         settings = GenerationSettings(
@@ -352,58 +467,59 @@ class DiffusersGenerator(Generator):
             width=opts.width,
             height=opts.height,
             clip_skip=opts.clip_skip,
-            hires=hires,
+            hires=opts.hires,
         )
-        limit = pipe.tokenizer.model_max_length - 2
-        candidates = []
-        for i, spec in enumerate(specs):
-            warnings = []
-            if truncated[i]:
-                warnings.append(
-                    f"prompt longer than {limit} tokens: truncated; the model "
-                    "received only received_prompt"
-                )
-            if negative_truncated[i]:
-                warnings.append(
-                    f"negative prompt longer than {limit} tokens: truncated"
-                )
-            if WEIGHTED.search(spec.prompt) or WEIGHTED.search(spec.negative_prompt):
-                warnings.append(
-                    "prompt weighting like (word:1.2) is not applied yet: the "
-                    "brackets and weights were encoded as plain text"
-                )
-            candidates.append(
-                Candidate(
-                    index=spec.index,
-                    item_id=spec.item_id,
-                    spec=spec,
-                    settings=settings.model_copy(
-                        deep=True, update={"seed": int(seeds[i])}
-                    ),
-                    image=images[i],
-                    timings={"generate": elapsed / len(specs)},
-                    received_prompt=received[i],
-                    warnings=warnings,
-                )
+        return [
+            Candidate(
+                index=spec.index,
+                item_id=spec.item_id,
+                spec=spec,
+                settings=settings.model_copy(deep=True, update={"seed": int(seed)}),
+                image=image,
+                timings={"generate": elapsed / len(specs)},
+                received_prompt=item.positive.text,
+                warnings=item_notes,
+                rejected=_unusable(item_notes),
             )
-        return candidates
+            for spec, seed, image, item, item_notes in zip(
+                specs, seeds, images, prompts, notes, strict=True
+            )
+        ]
 
-    def _hires(self, common: dict[str, Any]):
-        """Hires fix: a base pass, an upscale, then img2img at the larger size."""
+    def _sample(self, positive, negative, seeds: list[int]):
+        """Run the passes for one group; return images and each one's problems."""
+        import torch
+
+        opts = self.options
+        # One CPU generator an item: the same seed gives the same image on any
+        # device and in any batch.
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        common = {
+            "prompt_embeds": positive,
+            "negative_prompt_embeds": negative,
+            "guidance_scale": opts.cfg_scale,
+            "generator": generators,
+        }
+        base = self._pipe(
+            width=opts.width,
+            height=opts.height,
+            num_inference_steps=opts.steps,
+            output_type="latent",
+            **common,
+        ).images
+        if not opts.hires.enabled:
+            return self._decode_images(base)
+        return self._hires(base, common)
+
+    def _hires(self, base, common: dict[str, Any]):
+        """Hires fix: upscale the base pass, then img2img at the larger size."""
         import torch
 
         opts = self.options
         hires = opts.hires
         width, height = hires_size(opts.width, opts.height, hires.scale)
-        base_output = "latent" if hires.upscaler.lower() == "latent" else "pil"
-        base = self._pipe(
-            width=opts.width,
-            height=opts.height,
-            num_inference_steps=opts.steps,
-            output_type=base_output,
-            **common,
-        ).images
-        if base_output == "latent":
+        problems: list[list[str]] = [[] for _ in range(base.shape[0])]
+        if hires.upscaler.lower() == "latent":
             factor = self._pipe.vae_scale_factor
             upscaled = torch.nn.functional.interpolate(
                 base, size=(height // factor, width // factor), mode="bilinear"
@@ -411,18 +527,91 @@ class DiffusersGenerator(Generator):
         else:
             from PIL import Image
 
-            upscaled = [im.resize((width, height), Image.LANCZOS) for im in base]
+            images, problems = self._decode_images(base)
+            problems = [[f"hires base pass: {p}" for p in ps] for ps in problems]
+            if self._upscaler is not None:
+                upscaled = self._upscaler.upscale(images, (width, height))
+            else:
+                upscaled = [im.resize((width, height), Image.LANCZOS) for im in images]
+
         # WebUI's hires steps: 0 means "as many as the first pass".
         steps = hires.steps or opts.steps
-        return self._img2img(
+        latents = self._img2img(
             image=upscaled,
             strength=hires.denoise,
             num_inference_steps=max(steps, math.ceil(1 / max(hires.denoise, 1e-3))),
-            output_type="pil",
+            output_type="latent",
             **common,
         ).images
+        images, final = self._decode_images(latents)
+        return images, [a + b for a, b in zip(problems, final, strict=True)]
 
-    # --- bookkeeping ---------------------------------------------------------------
+    # --- decoding, with the WebUI's NaN guard ---------------------------------------
+
+    def _decode(self, latents, vae):
+        """Latents -> pixels in [-1, 1], unclamped (NaN stays NaN)."""
+        import torch
+
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        with torch.no_grad():
+            return vae.decode(
+                latents / vae.config.scaling_factor + shift, return_dict=False
+            )[0]
+
+    def _decode_images(self, latents):
+        """Decode to PIL images; a NaN or black float16 decode is tried in float32.
+
+        An image still bad then comes back black, with a note, so that the engine's
+        image check rejects it; no exception is raised.
+        """
+        import torch
+
+        pixels = list(self._decode(latents, self._pipe.vae))
+        bad = _bad_images(pixels)
+        problems: list[list[str]] = [[] for _ in pixels]
+        if bad and self._pipe.vae.dtype == torch.float16:
+            rows = sorted(bad)
+            log.warning("the float16 VAE gave NaN or black; decoding again in float32")
+            retried = list(self._decode(latents[rows].float(), self._float32_vae()))
+            still = _bad_images(retried)
+            for j, row in enumerate(rows):
+                pixels[row] = retried[j]
+                if j in still:
+                    problems[row].append(
+                        f"image: {bad[row]} from the VAE in float16 and "
+                        f"{still[j]} in float32; {BLACK_NOTE}"
+                    )
+                else:
+                    problems[row].append(
+                        f"image: {bad[row]} from the VAE in float16; decoded again "
+                        "in float32"
+                    )
+            bad = {row: bad[row] for j, row in enumerate(rows) if j in still}
+        else:
+            for row, what in bad.items():
+                problems[row].append(f"image: {what} from the VAE; {BLACK_NOTE}")
+
+        images = []
+        for row, image in enumerate(pixels):
+            if row in bad:
+                image = torch.full_like(image, -1.0)  # black, whatever NaN becomes
+            processed = self._pipe.image_processor.postprocess(
+                image[None], output_type="pil"
+            )
+            images.append(processed[0])
+        return images, problems
+
+    def _float32_vae(self):
+        if self._vae32 is None:
+            import copy
+
+            import torch
+
+            self._vae32 = copy.deepcopy(self._pipe.vae).to(torch.float32)
+        return self._vae32
+
+    # --- bookkeeping -----------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
         try:
@@ -431,12 +620,15 @@ class DiffusersGenerator(Generator):
             version = diffusers.__version__
         except ImportError:
             version = None
-        return {
+        info = {
             "model": self.options.model,
             "sha256": self.model_sha256(),
             "diffusers": version,
             "sampler": self.options.sampler,
         }
+        if self.options.upscaler_model:
+            info["upscaler_model"] = self.options.upscaler_model
+        return info
 
     def model_sha256(self) -> str | None:
         """sha256 of the checkpoint file, or of model_index.json for a folder."""
@@ -458,10 +650,26 @@ class DiffusersGenerator(Generator):
         device = self._pipe.device
         self._pipe = None
         self._img2img = None
+        self._upscaler = None
+        self._vae32 = None
         if device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _bad_images(pixels) -> dict[int, str]:
+    """Which decoded images (each ``(3, h, w)`` in [-1, 1]) hold NaN or are black."""
+    import torch
+
+    bad = {}
+    for row, image in enumerate(pixels):
+        image = image.float()
+        if not torch.isfinite(image).all():
+            bad[row] = "NaN"
+        elif float(image.max()) <= -1 + 1 / 255:
+            bad[row] = "an all-black image"
+    return bad
 
 
 def _dtype_kwarg(dtype) -> dict[str, Any]:

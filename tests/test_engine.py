@@ -310,7 +310,9 @@ def test_a_run_from_before_a_plugin_upgrade_resumes(chatroom_run, few_refs):
     summary, _ = chatroom_run(few_refs, count=3)
 
     assert summary.written == 3
-    assert json.loads((out / "run.json").read_text())["fingerprint"] == "0123456789abcdef"
+    assert (
+        json.loads((out / "run.json").read_text())["fingerprint"] == "0123456789abcdef"
+    )
 
 
 def test_changed_references_refuse_to_resume(chatroom_run, few_refs):

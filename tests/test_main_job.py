@@ -101,7 +101,7 @@ def test_main_job_writes_an_imagefolder_dataset(smoke, fashion_refs, tmp_path):
         "settings",
         "attributes",
     } <= set(ds.column_names)
-    assert ds[0]["image"].size == (96, 144)
+    assert ds[0]["image"].size == (128, 192)  # 64x96 with hires x2
 
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "complete"

@@ -20,6 +20,7 @@ ROOT = Path(__file__).parents[1]
 DOMAINS = ("fashion", "furniture", "architecture")
 BUILT_INS = {
     "template": "chatroom.plugins.template_prompter",
+    "llm": "chatroom.plugins.llm_prompter",
     "static": "chatroom.plugins.static_extractor",
     "diffusers": "chatroom.plugins.diffusers_generator",
     "blip2": "chatroom.plugins.blip2",

@@ -44,6 +44,8 @@ def test_writes_small_model_folders(smoke_dir):
         "sd15/tokenizer/vocab.json",
         "sd15/tokenizer/merges.txt",
         "sd15/scheduler/scheduler_config.json",
+        "sd15.safetensors",
+        "esrgan/RealESRGAN_x4plus-smoke.safetensors",
         "blip2/config.json",
         "blip2/model.safetensors",
         "blip2/processor_config.json",
@@ -57,7 +59,8 @@ def test_writes_small_model_folders(smoke_dir):
 def test_weights_are_deterministic(smoke_dir, tmp_path):
     again = write_smoke_models(tmp_path / "again")
     assert _digests(again) == _digests(smoke_dir)
-    assert len(_digests(again)) == 4  # unet, vae, text encoder, blip2
+    # unet, vae, text encoder, the single file, esrgan, blip2
+    assert len(_digests(again)) == 6
 
 
 def test_sd15_loads_with_diffusers(smoke_dir):
@@ -128,11 +131,13 @@ def test_smoke_config_points_at_the_models(smoke_dir):
     assert config["generator"]["use"] == "diffusers"
     assert config["generator"]["hires"] == {
         "enabled": True,
-        "upscaler": "latent",
-        "scale": 1.5,
+        "upscaler": "R-ESRGAN 4x+",
+        "scale": 2.0,
         "steps": 2,
         "denoise": 0.5,
     }
+    upscaler = smoke_dir / "esrgan" / "RealESRGAN_x4plus-smoke.safetensors"
+    assert config["generator"]["upscaler_model"] == upscaler.as_posix()
     assert config["annotators"]["captions"]["mode"] == "observe"
 
     # Each section is valid for its component once the engine's generic keys go.
@@ -147,3 +152,43 @@ def test_smoke_config_points_at_the_models(smoke_dir):
         assert (smoke_dir / validated.model.split("/")[-1]).is_dir()
         for key in GENERIC_KEYS:
             assert key not in component.Options.model_fields
+
+
+def test_single_file_has_the_original_layout_and_round_trips(smoke_dir):
+    """diffusers' own converter turns the single file back into the folder's weights."""
+    import json
+
+    import torch
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from safetensors.torch import load_file
+
+    single = load_file(str(smoke_dir / "sd15.safetensors"))
+    for part, convert in (
+        ("unet", convert_ldm_unet_checkpoint),
+        ("vae", convert_ldm_vae_checkpoint),
+    ):
+        folder = smoke_dir / "sd15" / part
+        config = json.loads((folder / "config.json").read_text())
+        expected = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+        converted = convert(single, config)
+        assert set(converted) == set(expected), part
+        for key, tensor in expected.items():
+            assert torch.equal(converted[key], tensor), key
+
+
+def test_esrgan_loads_with_spandrel_as_realesrgan(smoke_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    spandrel = pytest.importorskip("spandrel")
+    state = load_file(str(smoke_dir / "esrgan" / "RealESRGAN_x4plus-smoke.safetensors"))
+    # Real-ESRGAN's (BasicSR's) names, not the old ESRGAN "model.N" ones.
+    assert {"conv_first.weight", "conv_up2.weight", "conv_last.weight"} <= set(state)
+    assert "body.1.rdb3.conv5.weight" in state
+    model = spandrel.ModelLoader().load_from_state_dict(state)
+    assert model.architecture.name == "ESRGAN" and model.scale == 4
+    out = model(torch.rand(1, 3, 12, 8))
+    assert tuple(out.shape) == (1, 3, 48, 32)
