@@ -147,12 +147,13 @@ def domains():
     "-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config."
 )
 @click.option("--domain", help="Domain name or pack folder.")
+@click.option("--profile", help="A profile of the domain pack, e.g. paper or offline.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def doctor(config_path, domain, overrides):
+def doctor(config_path, domain, profile, overrides):
     """Check each configured backend: libraries, weights, servers, keys."""
     from .views import show_doctor
 
-    if not show_doctor(config_path, domain, list(overrides)):
+    if not show_doctor(config_path, domain, list(overrides), profile):
         sys.exit(1)
 
 

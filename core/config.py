@@ -40,7 +40,7 @@ class RunSettings(BaseModel):
     references: str = ""
     output: str = "out"
     count: int = Field(8, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     reference_sample: int = Field(0, ge=0)
     max_candidates: int = Field(0, ge=0)
     stop_after: Literal["", "attributes", "prompts"] = ""
@@ -58,7 +58,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -225,6 +225,11 @@ class Engine:
     # --- output folder -------------------------------------------------------------
 
     def _prepare_output(self, out: Path) -> Path:
+        refs = Path(self.settings.references).expanduser().resolve()
+        if out.resolve() == refs or refs.is_relative_to(out.resolve()):
+            raise InputError(
+                f"output folder {out} holds the references: choose another -o"
+            )
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / f"{store.TMP_PREFIX}probe"
@@ -274,8 +279,12 @@ class Engine:
                 # Only options added or dropped at their defaults: same run.
                 log.info("continuing run %s (options at defaults changed)", out)
                 self.fingerprint = old["fingerprint"]
-        elif not self.fresh:
-            known = {*RUN_FILES, *store.DATA_DIRS, store.LOCK_FILE, "report"}
+        else:
+            # No run.json: only what a run killed in its first moments leaves.
+            known = {
+                store.LOCK_FILE,
+                *(n for n in RUN_FILES if n.startswith("journal")),
+            }
             stray = sorted(p.name for p in out.iterdir() if p.name not in known)
             if stray:
                 more = "..." if len(stray) > 3 else ""
@@ -389,10 +398,11 @@ class Engine:
         message = ""
         if status == "budget exhausted":
             top = sorted(by_reason.items(), key=lambda kv: -kv[1])[:3]
-            why = (
-                "; ".join(f"{n} x {r}" for r, n in top)
-                or "failures, see failures.jsonl"
-            )
+            failed = self.journal.count(jr.FAILED)
+            parts = [f"{n} x {r}" for r, n in top]
+            if failed:
+                parts.append(f"{failed} failed, see failures.jsonl")
+            why = "; ".join(parts) or "the budget is smaller than the count"
             message = (
                 f"budget of {budget} candidates used up: {written} of "
                 f"{self.settings.count} records passed ({why}); raise max_candidates "
@@ -467,6 +477,17 @@ class Engine:
                 raise InputError(
                     f"{path}:{number}: not a prompt row: {first}"
                 ) from None
+            if spec.index in prompts:
+                raise InputError(
+                    f"{path}:{number}: index {spec.index} appears twice; keep one row "
+                    "per index"
+                )
+            expected = self._plan(spec.index).item_id
+            if spec.item_id != expected:
+                raise InputError(
+                    f"{path}:{number}: item_id {spec.item_id} does not belong to index "
+                    f"{spec.index} (expected {expected}); edit the prompt, not the ids"
+                )
             original = self.journal.get(f"prompt:{spec.index}")
             spec.edited = original is not None and original != spec.prompt
             prompts[spec.index] = spec

@@ -77,7 +77,9 @@ def scan(folder: str | Path) -> list[Path]:
     files = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name not in METADATA_FILES
+        if not p.is_dir()
+        and not p.name.startswith(".")
+        and p.name not in METADATA_FILES
     )
     if not files:
         raise InputError(f"references folder is empty: {folder}")
@@ -97,8 +99,10 @@ def load_references(
     meta = _metadata(Path(folder))
     refs: list[Reference] = []
     failures: list[Failure] = []
+    stems = [p.stem.lower() for p in files]
     for path in files:
-        reason = _check(path)
+        reason = "" if path.is_file() else "not a regular file (or a broken link)"
+        reason = reason or _check(path)
         if reason:
             log.warning("reference %s skipped: %s", path.name, reason)
             failures.append(Failure(kind="reference", subject=str(path), reason=reason))
@@ -106,9 +110,11 @@ def load_references(
         data = path.read_bytes()
         img = load_image(path)
         info = meta.get(path.name, {})
+        # the file's stem names it, unless another file shares the stem
+        ref_id = path.stem if stems.count(path.stem.lower()) == 1 else path.name
         refs.append(
             Reference(
-                id=path.stem,
+                id=ref_id,
                 path=str(path.resolve()),
                 sha256=hashlib.sha256(data).hexdigest(),
                 width=img.width,
@@ -138,6 +144,8 @@ def _check(path: Path) -> str:
         img = load_image(path)
     except UnidentifiedImageError:
         return "not an image (unrecognised format)"
+    except Image.DecompressionBombError as exc:
+        return f"refused: {exc}"
     except (OSError, SyntaxError, ValueError) as exc:
         return f"unreadable image: {exc}"
     if img.width < 16 or img.height < 16:

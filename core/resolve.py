@@ -162,7 +162,10 @@ def _component(
 ) -> ComponentSpec | None:
     if not isinstance(body, dict):
         raise ConfigError(f"{prefix}: expected a table of options, got {body!r}")
-    if body.get("enabled", True) is False:
+    enabled = body.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{prefix}.enabled = {enabled!r}: expected true or false")
+    if enabled is False:
         return None
     name = body.get("use") or (key if stage in ("filter", "annotator") else "")
     if not name:

@@ -58,12 +58,12 @@ def show_domains() -> None:
     stdout().print(table)
 
 
-def show_doctor(config_path, domain, overrides) -> bool:
+def show_doctor(config_path, domain, overrides, profile=None) -> bool:
     """Print one row per configured component; False when something is missing."""
     from .resolve import Request, resolve
 
     plugins = Plugins()
-    flags = {"domain": domain} if domain else {}
+    flags = {"domain": domain, "profile": profile}
     resolved = resolve(Request(config_path, flags, overrides), plugins)
     table = _table("component", "uses", "check", "status")
     healthy = True
@@ -87,6 +87,15 @@ def show_doctor(config_path, domain, overrides) -> bool:
     return healthy
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a Hub model has a snapshot in the local cache (no network)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    folder = os.path.join(cache, "models--" + repo_id.replace("/", "--"), "snapshots")
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
 def _checks(spec):
     """(check, ok, detail) rows from the component's declared needs and options."""
     for library, requirement in spec.cls.requires:
@@ -107,15 +116,20 @@ def _checks(spec):
                 continue
             local = os.path.exists(os.path.expanduser(value))
             hub = "/" in value and not value.startswith((".", "/", "~"))
-            yield (
-                f"weights {key}",
-                local or hub,
-                "local"
-                if local
-                else "Hub id (needs network or cache)"
-                if hub
-                else f"not found: {value}",
-            )
+            if local:
+                yield f"weights {key}", True, "local"
+            elif hub and _in_hub_cache(value):
+                yield f"weights {key}", True, "Hub id, in the local cache"
+            elif hub and not options.get("local_files_only", True):
+                yield f"weights {key}", True, "Hub id, downloaded on first use"
+            elif hub:
+                yield (
+                    f"weights {key}",
+                    False,
+                    f"Hub id {value} is not in the local cache (offline)",
+                )
+            else:
+                yield f"weights {key}", False, f"not found: {value}"
         if key.endswith(("api_key_env", "token_env")) and value:
             present = bool(os.environ.get(value))
             yield f"key ${value}", present, "set" if present else "not set"

@@ -23,9 +23,9 @@ What it does with bad replies:
   their word sets above ``duplicate_threshold``): asked again with the near-duplicate
   shown as one to avoid; kept, and counted, if the second answer is as close.
 
-An item still without a prompt after ``MAX_ASKS`` requests fails. The engine fails
-every item of the batch that ``write`` was given when ``write`` raises, so a failure
-costs the batch's other prompts too (they are written again for new items).
+An item still without a prompt after ``MAX_ASKS`` requests fails on its own: ``write``
+returns an ``ItemFailed`` with the reason in its place, and the other items keep
+their prompts.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from chatroom.components import Options, Prompter
+from chatroom.components import ItemFailed, Options, Prompter
 from chatroom.errors import ChatroomError, ConfigError
 from chatroom.hookspecs import hookimpl
 from chatroom.models import PlanItem, PromptSpec
@@ -338,10 +338,6 @@ PROVIDERS = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
 # --- the prompter ------------------------------------------------------------------
 
 
-class ItemsFailed(remote.RemoteError):
-    """Some items got no prompt; the message gives each one's reason."""
-
-
 class LLMPrompter(Prompter):
     name = "llm"
     description = "an LLM writes prompts few-shot (OpenAI, Anthropic, compatible)"
@@ -423,7 +419,7 @@ class LLMPrompter(Prompter):
 
     # --- writing -------------------------------------------------------------------
 
-    def write(self, items: list[PlanItem], domain) -> list[PromptSpec]:
+    def write(self, items: list[PlanItem], domain) -> list[PromptSpec | ItemFailed]:
         self._connect()
         self._seed_duplicates()
         if not self.fewshot(domain) and not self._warned:
@@ -454,14 +450,12 @@ class LLMPrompter(Prompter):
             failed.update(lost)
         if fatal is not None:
             raise fatal
-        if failed:
-            raise ItemsFailed(self._failure_message(failed, len(items)))
-        return [specs[item.index] for item in items]
-
-    def _failure_message(self, failed: dict[int, str], total: int) -> str:
-        reasons = list(dict.fromkeys(failed.values()))
-        more = f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
-        return f"{len(failed)} of {total} items got no prompt: {reasons[0]}{more}"
+        return [
+            specs[item.index]
+            if item.index in specs
+            else ItemFailed(f"no prompt: {failed.get(item.index, 'no reply')}")
+            for item in items
+        ]
 
     def _write_chunk(self, items: list[PlanItem], domain):
         """Prompts for up to ``prompts_per_call`` items, and the items that failed."""

@@ -299,20 +299,24 @@ def test_a_fatal_error_stops_the_run_and_the_same_call_resumes(
     assert summary.written == 5 and summary.failed == 0
 
 
-def test_a_run_from_before_a_plugin_upgrade_resumes(chatroom_run, few_refs):
+def test_a_run_from_before_a_plugin_upgrade_resumes(
+    chatroom_run, few_refs, monkeypatch
+):
+    from chatroom.resolve import Resolved
+
     _, out = chatroom_run(few_refs, count=2)
     info = json.loads((out / "run.json").read_text())
-    # as written by a version whose filter did not have this option yet
+    # as written by a version whose filter did not have this option yet...
     del info["settings"]["filters.image_checks.max_flat_share"]
-    info["fingerprint"] = "0123456789abcdef"
     (out / "run.json").write_text(json.dumps(info))
+    # ...so this version's fingerprint differs from the one the run started with
+    monkeypatch.setattr(Resolved, "fingerprint", lambda self, refs: "0123456789abcdef")
 
     summary, _ = chatroom_run(few_refs, count=3)
 
     assert summary.written == 3
-    assert (
-        json.loads((out / "run.json").read_text())["fingerprint"] == "0123456789abcdef"
-    )
+    after = json.loads((out / "run.json").read_text())
+    assert after["fingerprint"] == info["fingerprint"]
 
 
 def test_changed_references_refuse_to_resume(chatroom_run, few_refs):
@@ -320,3 +324,46 @@ def test_changed_references_refuse_to_resume(chatroom_run, few_refs):
     next(few_refs.iterdir()).unlink()
     with pytest.raises(ResumeError, match="references or domain pack"):
         chatroom_run(few_refs, count=1)
+
+
+def test_fresh_never_deletes_files_a_run_did_not_write(
+    chatroom_run, few_refs, tmp_path
+):
+    out = tmp_path / "mine"
+    (out / "images" / "sub").mkdir(parents=True)
+    (out / "images" / "sub" / "holiday.png").write_bytes(b"precious")
+    (out / "metadata.jsonl").write_text('{"file_name": "mine"}\n')
+
+    with pytest.raises(ResumeError, match="no chatroom run wrote"):
+        chatroom_run(few_refs, count=1, output=out, fresh=True)
+
+    assert (out / "images" / "sub" / "holiday.png").read_bytes() == b"precious"
+    assert (out / "metadata.jsonl").read_text() == '{"file_name": "mine"}\n'
+
+
+def test_the_references_folder_is_not_an_output_folder(chatroom_run, few_refs):
+    with pytest.raises(ChatroomError, match="holds the references"):
+        chatroom_run(few_refs, count=1, output=few_refs, fresh=True)
+    with pytest.raises(ChatroomError, match="holds the references"):
+        chatroom_run(few_refs, count=1, output=few_refs.parent)
+
+
+def test_an_edited_prompts_file_with_a_repeated_index_is_refused(
+    chatroom_run, few_refs
+):
+    _, out = chatroom_run(few_refs, count=2, stop_after="prompts")
+    prompts = rows(out / "prompts.jsonl")
+    prompts[1]["index"] = 0
+    (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+
+    with pytest.raises(ChatroomError, match=r"prompts.jsonl:2: index 0 appears twice"):
+        chatroom_run(few_refs, count=2)
+
+
+def test_bad_generic_values_are_refused(chatroom_run, few_refs):
+    with pytest.raises(
+        ChatroomError, match="enabled = 'maybe': expected true or false"
+    ):
+        chatroom_run(few_refs, overrides=['annotators.captions.enabled="maybe"'])
+    with pytest.raises(ChatroomError, match="setting 'seed' = -5"):
+        chatroom_run(few_refs, overrides=["seed=-5"])

@@ -108,3 +108,45 @@ def test_reference_metadata_follows_the_records(chatroom_run, few_refs):
         for source in record["reference_sources"]:
             assert source["license"] == "CC BY-NC 4.0"
             assert source["source"].endswith(source["id"])
+
+
+def test_files_sharing_a_stem_keep_their_own_ids(tmp_path, fashion_refs):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    photos = sorted(fashion_refs.glob("*.jpg"))[:2]
+    for path, name in zip(photos, ("look.jpg", "look.png"), strict=True):
+        with Image.open(path) as img:
+            img.convert("RGB").resize((64, 96)).save(folder / name)
+
+    refs, _ = load_references(folder)
+
+    assert sorted(r.id for r in refs) == ["look.jpg", "look.png"]
+
+
+def test_a_decompression_bomb_is_skipped(tmp_path, few_refs):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    (few_refs / "bomb.png").write_bytes(bomb)
+
+    refs, failures = load_references(few_refs)
+
+    assert "bomb" not in {r.id for r in refs}
+    (failure,) = failures
+    assert failure.subject.endswith("bomb.png") and "refused" in failure.reason
+
+
+def test_a_config_that_is_not_text_is_one_line(tmp_path):
+    from chatroom.config import load_file
+    from chatroom.errors import ConfigError
+
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe[gen")
+    with pytest.raises(ConfigError, match="binary.toml: not a UTF-8 text file"):
+        load_file(path)
