@@ -69,7 +69,7 @@ def show_doctor(config_path, domain, overrides, profile=None) -> bool:
     healthy = True
     for stage, specs in resolved.components.items():
         for spec in specs:
-            for check, ok, detail in _checks(spec):
+            for check, ok, detail in _checks(spec, resolved.domain):
                 healthy = healthy and ok
                 table.add_row(
                     f"{stage}:{spec.key}",
@@ -96,8 +96,16 @@ def _in_hub_cache(repo_id: str) -> bool:
     return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
-def _checks(spec):
+def _checks(spec, domain):
     """(check, ok, detail) rows from the component's declared needs and options."""
+    from .components import Context
+    from .errors import ChatroomError
+
+    try:  # what the component checks when it is built (models load later)
+        spec.cls(spec.options, Context(domain)).close()
+        yield "settings", True, ""
+    except ChatroomError as exc:
+        yield "settings", False, str(exc)
     for library, requirement in spec.cls.requires:
         found = importlib.util.find_spec(library) is not None
         yield (

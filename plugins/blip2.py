@@ -179,6 +179,11 @@ def _dtype_kwarg(dtype) -> dict[str, Any]:
 class Blip2Asker:
     """What both BLIP-2 components share: loading, asking, guarding."""
 
+    requires = (
+        ("torch", "chatroom[transformers]"),
+        ("transformers", "chatroom[transformers]"),
+    )
+
     options: Blip2Options
     name: str
     stage: str

@@ -239,6 +239,12 @@ class _Prompts:
 class DiffusersGenerator(Generator):
     """Stable Diffusion through diffusers, WebUI-compatible prompts and samplers."""
 
+    requires = (
+        ("torch", "chatroom[diffusers]"),
+        ("diffusers", "chatroom[diffusers]"),
+        ("spandrel", "chatroom[diffusers]"),
+    )
+
     name = "diffusers"
     description = (
         "Local Stable Diffusion 1.x through diffusers (folder or single file)."
