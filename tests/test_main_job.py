@@ -248,3 +248,10 @@ def test_secrets_never_reach_run_json(smoke, fashion_refs, tmp_path):
     # the extractor has no api_key option: the error names it but not its value
     assert result.returncode != 0
     assert "api_key" in result.stderr and "sk-live-123" not in result.stderr
+
+
+def test_doctor_without_a_config_says_what_to_provide():
+    result = chatroom("doctor", "--domain", "fashion")
+    assert result.returncode == 1
+    assert "set generator.model" in result.stdout
+    assert "not in the local cache" in result.stdout or "ok: local" in result.stdout
