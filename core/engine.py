@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import journal as jr
 from . import store
@@ -37,6 +36,7 @@ from .models import (
     Verdict,
 )
 from .plan import plan_item
+from .records import write_record
 from .references import load_references
 from .resolve import ComponentSpec, Request, Resolved, changed_keys, resolve
 from .runinfo import run_info
@@ -790,7 +790,7 @@ class Engine:
             )
             return
 
-        record, files = self._files(work)
+        record, files = write_record(self.out, work, self.references)
         journal.finish(work.index, work.plan.item_id, jr.WRITTEN, record, files=files)
         self._append("metadata.jsonl", record)
         self.progress.written += 1
@@ -800,81 +800,6 @@ class Engine:
                 {k: v for k, v in record.items() if k in Record.model_fields}
             ),
         )
-
-    def _files(self, work: Work) -> tuple[dict[str, Any], list[str]]:
-        """Write an accepted item's files atomically; return its metadata row."""
-        candidate = work.candidate
-        spec = work.spec
-        item = work.plan.item_id
-        files = []
-        image_rel = f"images/{item}.png"
-        store.save_image(self.out / image_rel, candidate.image)
-        files.append(image_rel)
-
-        masks: dict[str, str] = {}
-        keypoints = None
-        captions: list[str] = []
-        caption = None
-        qa: dict[str, Any] = {}
-        for note in work.annotations:
-            for part, mask in note.masks.items():
-                rel = f"masks/{item}/{part}.png"
-                store.save_image(self.out / rel, mask)
-                files.append(rel)
-                masks[part] = rel
-            if note.keypoints is not None and keypoints is None:
-                keypoints = note.keypoints
-            if note.caption and caption is None:
-                caption = note.caption
-            captions.extend(note.captions)
-            qa.update({f"{note.annotator}.{k}": v for k, v in note.qa.items()})
-            if note.rejected:
-                qa[f"{note.annotator}.rejected"] = note.rejected
-        pose_rel = None
-        if keypoints is not None:
-            import json
-
-            pose_rel = f"poses/{item}.json"
-            store.atomic_write_text(
-                self.out / pose_rel, json.dumps({"keypoints": keypoints})
-            )
-            files.append(pose_rel)
-
-        refs = [
-            self.references[r] for r in work.plan.references if r in self.references
-        ]
-        record = Record(
-            item_id=item,
-            index=work.index,
-            file_name=image_rel,
-            caption=caption,
-            captions=captions,
-            masks=masks,
-            pose=pose_rel,
-            keypoints=keypoints,
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            received_prompt=candidate.received_prompt,
-            seed=candidate.settings.seed,
-            settings=candidate.settings,
-            attributes={e.attribute: e.value for e in spec.entries},
-            bank_entries=spec.entries,
-            references=[r.id for r in refs],
-            reference_sources=[
-                {"id": r.id, "path": r.path, "source": r.source, "license": r.license}
-                for r in refs
-            ],
-            verdicts=[v.model_copy(update={"artefacts": {}}) for v in work.verdicts],
-            annotations=[n.annotator for n in work.annotations],
-            qa=qa,
-            prompt_writer=spec.writer + (" (edited)" if spec.edited else ""),
-            timings=candidate.timings,
-            warnings=candidate.warnings,
-        )
-        row = record.model_dump(
-            mode="json", exclude={"verdicts": {"__all__": {"artefacts"}}}
-        )
-        return row, files
 
 
 def run(request: Request, **kwargs) -> RunSummary:
