@@ -13,31 +13,24 @@ log = logging.getLogger(__name__)
 
 
 def _table(progress: Progress):
-    from rich.table import Table
+    """Two short lines that fit a narrow terminal: totals, then per-stage counts."""
+    from rich.text import Text
 
-    table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
-    for column in (
-        "phase",
-        *progress.done,
-        "accepted",
-        "rejected",
-        "failed",
-        "rate",
-        "ETA",
-    ):
-        table.add_column(column, justify="right")
     rate = progress.rate
     eta = progress.eta
-    table.add_row(
-        progress.phase,
-        *(str(v) for v in progress.done.values()),
-        f"{progress.written}/{progress.target}",
-        str(progress.rejected),
-        str(progress.failed),
-        f"{rate * 60:.1f}/min" if rate else "-",
-        time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "-",
+    totals = Text.assemble(
+        (f"{progress.phase:<11}", "bold"),
+        f" accepted {progress.written}/{progress.target}",
+        f"  rejected {progress.rejected}",
+        f"  failed {progress.failed}",
+        f"  rate {rate * 60:.1f}/min" if rate else "  rate -",
+        "  ETA " + (time.strftime("%H:%M:%S", time.gmtime(eta)) if eta else "-"),
     )
-    return table
+    stages = Text(
+        "            " + "  ".join(f"{k} {v}" for k, v in progress.done.items()),
+        style="dim",
+    )
+    return Text("\n").join([totals, stages])
 
 
 def run_with_display(config_path, flags, overrides, fresh) -> RunSummary:

@@ -19,7 +19,6 @@ def test_progress_table_shows_counts_rate_and_eta():
     text = console.export_text()
 
     for column in (
-        "phase",
         "prompt",
         "generate",
         "filter",
@@ -31,6 +30,8 @@ def test_progress_table_shows_counts_rate_and_eta():
         "ETA",
     ):
         assert column in text
-    assert "generating" in text and "4/10" in text
+    assert "generating" in text and "accepted 4/10" in text
+    assert "generate 8" in text and "annotate 5" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
     assert "4.0/min" in text
     assert "00:01:30" in text  # six more records at four a minute
