@@ -157,6 +157,54 @@ def doctor(config_path, domain, profile, overrides):
         sys.exit(1)
 
 
+@main.command()
+@click.argument("run_folder", metavar="OUT", type=click.Path())
+@click.option(
+    "--format", "fmt", type=click.Choice(["parquet", "webdataset"]), required=True
+)
+@click.option(
+    "-o", "--output", type=click.Path(), help="Export folder (default: OUT-FORMAT)."
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Most records per shard.",
+)
+def export(run_folder, fmt, output, shard_size):
+    """Write a finished run as Parquet or WebDataset shards with a manifest."""
+    from .export import export_run
+
+    result = export_run(run_folder, fmt, output, shard_size)
+    shards = len(result.shards)
+    click.echo(
+        f"exported {result.records} records in {shards} shard{'s' * (shards != 1)} "
+        f"to {result.dest} ({len(result.skipped)} skipped; see {result.manifest})"
+    )
+
+
+@main.command()
+@click.argument("folder", metavar="DIR", type=click.Path())
+@click.option(
+    "-o", "--output", type=click.Path(), required=True, help="Run folder (resumed)."
+)
+@click.option("--domain", help="Domain name (see `chatroom domains`) or pack folder.")
+@click.option("--profile", help="A profile of the domain pack, e.g. paper or offline.")
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(), help="TOML or YAML config."
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option(
+    "--fresh", is_flag=True, help="Discard an earlier run in the output folder."
+)
+def curate(folder, output, domain, profile, config_path, overrides, fresh):
+    """Filter and annotate the images of DIR into a dataset, as a run would."""
+    from .curate import curate_with_display
+
+    curate_with_display(folder, output, domain, profile, config_path, overrides, fresh)
+
+
 @main.command("smoke-models")
 @click.argument("directory", type=click.Path())
 def smoke_models(directory):

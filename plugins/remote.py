@@ -159,6 +159,8 @@ def classify(exc: BaseException) -> str:
     if status == 401:
         return "auth"
     if status is None:
+        if getattr(exc, "retryable", False):  # a plugin's own transient error
+            return "retry"
         name = type(exc).__name__
         # Timeouts, refused connections, cut bodies and unparsable replies.
         if name in ("APITimeoutError", "APIConnectionError", "JSONDecodeError"):

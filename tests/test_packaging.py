@@ -23,8 +23,12 @@ BUILT_INS = {
     "llm": "chatroom.plugins.llm_prompter",
     "static": "chatroom.plugins.static_extractor",
     "diffusers": "chatroom.plugins.diffusers_generator",
+    "webui": "chatroom.plugins.webui_generator",
     "blip2": "chatroom.plugins.blip2",
     "image_checks": "chatroom.plugins.image_checks",
+    "pose": "chatroom.plugins.pose",
+    "nudenet": "chatroom.plugins.nudenet_filter",
+    "person_mask": "chatroom.plugins.person_mask",
     **{domain: f"chatroom.domains.{domain}" for domain in DOMAINS},
 }
 PRINT_PACKS = "from chatroom.manager import Plugins; print(*Plugins().domains.values())"
