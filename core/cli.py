@@ -20,6 +20,8 @@ def _quiet_libraries() -> None:
         ("TRANSFORMERS_VERBOSITY", "error"),
         ("DIFFUSERS_VERBOSITY", "error"),
         ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("GLOG_minloglevel", "2"),  # mediapipe's native logging
+        ("TF_CPP_MIN_LOG_LEVEL", "2"),
     ):
         os.environ.setdefault(name, value)
 
