@@ -255,3 +255,36 @@ def test_doctor_without_a_config_says_what_to_provide():
     assert result.returncode == 1
     assert "set generator.model" in result.stdout
     assert "not in the local cache" in result.stdout or "ok: local" in result.stdout
+
+
+@pytest.mark.parametrize("domain", ["furniture", "architecture"])
+def test_other_domains_run_on_their_photos(smoke, tmp_path, domain):
+    from conftest import REFERENCES
+
+    from chatroom.domain import load_pack
+
+    out = tmp_path / domain
+    result = chatroom(
+        "run",
+        "-c",
+        smoke,
+        "--domain",
+        domain,
+        "--references",
+        REFERENCES / domain,
+        "-n",
+        2,
+        "-o",
+        out,
+    )
+    assert result.returncode == 0, result.stderr
+
+    records = check_dataset(out, 2)
+    info = json.loads((out / "run.json").read_text())
+    assert info["domain"]["name"] == domain
+    pack = load_pack(info["domain"]["path"])
+    assert all(r["bank_entries"] for r in records)
+    for record in records:
+        assert record["negative_prompt"] == pack.negative_prompt
+        for reference in record["references"]:
+            assert any((REFERENCES / domain).glob(f"{reference}*")), reference
