@@ -1,6 +1,6 @@
 """Benchmarks of the spine; results go to docs/benchmarks.md.
 
-    python benchmarks/bench_spine.py startup      # chatroom --help against python -c pass
+    python benchmarks/bench_spine.py startup   # chatroom --help against python -c pass
     python benchmarks/bench_spine.py resume       # a finished run started again
     python benchmarks/bench_spine.py overhead     # engine against a plain loop
     python benchmarks/bench_spine.py memory       # peak memory, 50 against 500 records
@@ -151,7 +151,7 @@ def peak_rss_mb(cmd: list[str]) -> float:
 
 def bench_memory(tmp: Path, small: int = 50, large: int = 500) -> dict:
     config = smoke_models(tmp / "models")
-    # no hires pass and one step keep the 500-record run short; the data path is the same
+    # no hires pass and one step keep 500 records short; the data path is the same
     fast = ["--set", "generator.steps=1", "--set", "generator.hires.enabled=false"]
     small_mb = peak_rss_mb(run_cmd(config, tmp / "small", small, *fast))
     large_mb = peak_rss_mb(run_cmd(config, tmp / "large", large, *fast))

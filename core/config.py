@@ -31,7 +31,7 @@ STOP_POINTS = ("attributes", "prompts")
 
 
 class RunSettings(BaseModel):
-    """The top-level settings of a run (components are validated by their own models)."""
+    """The top-level settings of a run; components validate their own options."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -162,9 +162,8 @@ def validate_run_settings(data: dict[str, Any]) -> RunSettings:
         if err["type"] == "extra_forbidden":
             hint = closest(loc, RunSettings.model_fields)
             raise ConfigError(f"unknown setting '{loc}'{hint}") from None
-        raise ConfigError(
-            f"setting '{loc}' = {err.get('input')!r}: {err['msg'][0].lower()}{err['msg'][1:]}"
-        ) from None
+        msg = err["msg"][0].lower() + err["msg"][1:]
+        raise ConfigError(f"setting '{loc}' = {err.get('input')!r}: {msg}") from None
 
 
 def is_secret(key: str) -> bool:

@@ -250,8 +250,8 @@ def render_config_reference(plugins: Plugins | None = None) -> str:
     out += [
         "",
         "Options a domain pack sets are dropped for a component that does not take "
-        "them (a generator without a `clip_skip` option ignores the pack's); an option the "
-        "user sets that the component does not take is an error.",
+        "them (a generator without a `clip_skip` option ignores the pack's); an "
+        "option the user sets that the component does not take is an error.",
         "",
     ]
 
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(text, encoding="utf-8")
     verb = "out of date" if args.check else "rewrote"
     for path in stale:
-        print(f"{verb}: {path}")
+        sys.stdout.write(f"{verb}: {path}\n")
     return 1 if args.check and stale else 0
 
 

@@ -169,7 +169,7 @@ class Engine:
         self._failures_in_a_row = 0
         self._stopping = False
 
-    # --- public --------------------------------------------------------------------
+    # --- public ----------------------------------------------------------------
 
     def run(self) -> RunSummary:
         started = time.monotonic()
@@ -222,7 +222,7 @@ class Engine:
         self.plugins.hook.run_finished(run=self.context, summary=summary)
         return summary
 
-    # --- output folder -------------------------------------------------------------
+    # --- output folder ---------------------------------------------------------
 
     def _prepare_output(self, out: Path) -> Path:
         refs = Path(self.settings.references).expanduser().resolve()
@@ -329,7 +329,7 @@ class Engine:
             self.out / "run.json", json.dumps(info, indent=2, default=str)
         )
 
-    # --- components ----------------------------------------------------------------
+    # --- components ------------------------------------------------------------
 
     def instance(self, spec: ComponentSpec) -> Component:
         key = f"{spec.stage}:{spec.key}"
@@ -343,7 +343,7 @@ class Engine:
             self._instances[key] = spec.cls(spec.options, context)
         return self._instances[key]
 
-    # --- the run ---------------------------------------------------------------------
+    # --- the run ---------------------------------------------------------------
 
     def _run(self, references: list[Reference], started: float) -> RunSummary:
         settings = self.settings
@@ -422,7 +422,7 @@ class Engine:
             message=message,
         )
 
-    # --- extract -----------------------------------------------------------------------
+    # --- extract ---------------------------------------------------------------
 
     def _bank(self, references: list[Reference]) -> AttributeBank:
         path = self.out / "attributes.jsonl"
@@ -453,7 +453,7 @@ class Engine:
         )
         return bank
 
-    # --- prompts -----------------------------------------------------------------------
+    # --- prompts ---------------------------------------------------------------
 
     def _load_prompts(self) -> dict[int, PromptSpec]:
         path = self.out / "prompts.jsonl"
@@ -518,7 +518,7 @@ class Engine:
             self.bank, index, self.fingerprint, self.settings.seed, self.settings.plan
         )
 
-    # --- pipeline ------------------------------------------------------------------------
+    # --- pipeline --------------------------------------------------------------
 
     def _pipeline(self) -> None:
         size = self.settings.queue_size
@@ -711,7 +711,7 @@ class Engine:
                 if note.rejected and not spec.observe:
                     work.decide("rejected", "annotator", spec.key, note.rejected)
 
-    # --- writing ---------------------------------------------------------------------------
+    # --- writing ---------------------------------------------------------------
 
     def _write_loop(self, inq: queue.Queue) -> None:
         progress = self.progress

@@ -1,4 +1,4 @@
-"""The architecture domain: the pack beside this module and architecture-only components."""
+"""The architecture domain: the pack beside this module, registered as a plugin."""
 
 from pathlib import Path
 
