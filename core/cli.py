@@ -207,6 +207,28 @@ def curate(folder, output, domain, profile, config_path, overrides, fresh):
     curate_with_display(folder, output, domain, profile, config_path, overrides, fresh)
 
 
+@main.command()
+@click.argument("run_folder", metavar="OUT", type=click.Path())
+@click.option(
+    "--compare", type=click.Path(), metavar="OTHER_OUT", help="A run to set beside it."
+)
+@click.option("--open", "open_browser", is_flag=True, help="Open it in a browser.")
+@click.option("--no-map", is_flag=True, help="Skip the text-embedding map.")
+@click.option("--no-quality", is_flag=True, help="Skip the BRISQUE scores.")
+def report(run_folder, compare, open_browser, no_map, no_quality):
+    """Write OUT/report/index.html and summary.json: funnel, scores, gallery."""
+    from .report import build_report
+
+    index = build_report(
+        run_folder, compare=compare, embeddings=not no_map, quality=not no_quality
+    )
+    click.echo(f"wrote {index}")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(index.resolve().as_uri())
+
+
 @main.command("smoke-models")
 @click.argument("directory", type=click.Path())
 def smoke_models(directory):
@@ -219,6 +241,70 @@ def smoke_models(directory):
     config = path if path.suffix == ".toml" else path / "smoke.toml"
     click.echo(f"wrote {config}")
     click.echo(f"try: chatroom run -c {config} --references REFS -n 8 -o OUT")
+
+
+@main.group()
+def prompts():
+    """Community prompts: import them, count what they use, derive defaults."""
+
+
+@prompts.command("import")
+@click.argument("sources", metavar="SRC...", nargs=-1, required=True)
+@click.option(
+    "-o", "--output", type=click.Path(), required=True, help="JSONL file to write."
+)
+@click.option(
+    "--family",
+    type=click.Choice(["auto", "sd15", "sdxl"]),
+    default="auto",
+    show_default=True,
+    help="Checkpoint family of the samples; auto guesses from model and size.",
+)
+def prompts_import(sources, output, family):
+    """Read WebUI images (PNG, JPEG, WebP) and JSONL files into few-shot rows."""
+    import json
+    from pathlib import Path
+
+    from .community import import_sources
+
+    result = import_sources(sources, family)
+    for source, reason in result.skipped:
+        click.echo(f"skipped {source}: {reason}", err=True)
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for row in result.rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    click.echo(
+        f"wrote {len(result.rows)} samples to {path} ({len(result.skipped)} skipped)"
+    )
+
+
+@prompts.command("stats")
+@click.argument("file", metavar="FILE.jsonl", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--family", type=click.Choice(["sd15", "sdxl"]), help="Only these.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True)
+def prompts_stats(file, as_json, family, top):
+    """Samplers, steps, CFG, sizes, hires settings and common terms of FILE."""
+    import json
+
+    from .community import format_stats, read_rows, statistics
+
+    rows = [r for r in read_rows(file) if not family or r.get("family") == family]
+    report = statistics(rows, top=top)
+    click.echo(json.dumps(report, indent=1) if as_json else format_stats(report))
+
+
+@prompts.command("defaults")
+@click.argument("file", metavar="FILE.jsonl", type=click.Path())
+@click.option("--family", type=click.Choice(["sd15", "sdxl"]), help="Only these.")
+def prompts_defaults(file, family):
+    """Print a [generator] TOML table of FILE's most common settings."""
+    from .community import defaults_toml, read_rows
+
+    rows = [r for r in read_rows(file) if not family or r.get("family") == family]
+    click.echo(defaults_toml(rows, str(file)), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

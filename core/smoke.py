@@ -9,6 +9,9 @@
   layout (``model.diffusion_model.*``, ``first_stage_model.*``,
   ``cond_stage_model.transformer.*``), which ``from_single_file`` loads with
   ``config=sd15/``;
+- ``sdxl/``: a diffusers SDXL folder in the real layout (a UNet with ``text_time``
+  added conditioning, CLIP-L and an OpenCLIP-bigG-style encoder with projection,
+  two tokenizers, the Euler scheduler), which ``StableDiffusionXLPipeline`` loads;
 - ``esrgan/RealESRGAN_x4plus-smoke.safetensors``: an x4 RRDBNet (the "R-ESRGAN 4x+"
   architecture) in Real-ESRGAN's key layout, with few blocks and filters;
 - ``blip2/``: a BLIP-2 (OPT) model and processor, saved so that
@@ -73,6 +76,8 @@ def write_smoke_models(directory: str | Path) -> Path:
     write_esrgan(directory / "esrgan" / ESRGAN_FILE)
     torch.manual_seed(SEED)
     write_blip2(directory / "blip2")
+    torch.manual_seed(SEED)
+    write_sdxl(directory / "sdxl")
     write_config(directory)
     log.info(
         "wrote smoke models to %s in %.1f s", directory, time.perf_counter() - started
@@ -203,6 +208,122 @@ def write_sd15(directory: Path) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+# --- Stable Diffusion XL ---------------------------------------------------------
+
+
+def write_sdxl(directory: Path) -> Path:
+    """A tiny SDXL pipeline folder, laid out as stable-diffusion-xl-base-1.0.
+
+    CLIP-L and the bigG-style encoder have different widths (32 and 48), so a
+    mix-up of the two fails loudly; the UNet's cross-attention reads both side by
+    side (80), and its ``text_time`` embedding takes bigG's pooled projection (32)
+    and the six size numbers of ``add_time_ids``.
+    """
+    try:
+        import torch
+        from diffusers import (
+            AutoencoderKL,
+            EulerDiscreteScheduler,
+            StableDiffusionXLPipeline,
+            UNet2DConditionModel,
+        )
+        from transformers import (
+            CLIPTextConfig,
+            CLIPTextModel,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+        )
+    except ImportError as exc:
+        raise MissingDependency(
+            exc.name or "diffusers", "local", "smoke models"
+        ) from None
+
+    _clip_vocab(directory / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(directory / "tokenizer"), model_max_length=77
+    )
+    # SDXL's second tokenizer pads with "!", as OpenCLIP does.
+    _clip_vocab(directory / "tokenizer_2")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(
+        str(directory / "tokenizer_2"), model_max_length=77, pad_token="!"
+    )
+
+    def text_config(hidden_size: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act=act,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    # CLIP-L uses quick GELU, OpenCLIP bigG the exact one.
+    text_encoder = CLIPTextModel(text_config(32, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(48, "gelu"))
+    with torch.no_grad():
+        for encoder in (text_encoder, text_encoder_2):
+            norm = getattr(encoder, "text_model", encoder).final_layer_norm
+            norm.bias.copy_(torch.randn(norm.bias.shape) * 0.5)
+
+    time_dim = 8
+    pooled_dim = text_encoder_2.config.projection_dim
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=32 + 48,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=128,
+        scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return directory

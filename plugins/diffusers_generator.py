@@ -1,4 +1,4 @@
-"""Generate images locally with diffusers: SD 1.5 folders and single-file checkpoints.
+"""Generate images locally with diffusers: SD 1.x and SDXL, folders or single files.
 
 The prompts are encoded here, the WebUI's way (see ``prompt_weighting``): emphasis
 like ``(term:1.2)``, prompts of any length in 75-token chunks, and CLIP skip as the
@@ -6,6 +6,13 @@ WebUI means it (1 = last layer, 2 = penultimate, then the final layer norm) for 
 positive and the negative prompt alike. diffusers' own ``clip_skip`` is off by one
 against the WebUI, touches the positive prompt only, and fails with transformers 5.6
 and newer.
+
+SDXL reads the prompt with both of its text encoders, as the WebUI does: each
+encoder's penultimate hidden state (no final layer norm), CLIP-L's and OpenCLIP
+bigG's side by side, and the pooled output of bigG's first chunk. The WebUI ignores
+CLIP skip for SDXL by default; here skip 1 and 2 both mean that default, and a
+larger skip moves CLIP-L's layer only (the WebUI's "CLIP skip for SDXL CLIP-L"
+setting). The size conditioning (``add_time_ids``) is each pass's own size.
 
 Checkpoints load from ``.safetensors``; pickled files (``.ckpt``, ``.pt``, ``.bin``)
 can run code when loaded, so they need ``allow_pickle = true`` and are then read with
@@ -15,10 +22,12 @@ can run code when loaded, so they need ``allow_pickle = true`` and are then read
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +75,9 @@ UPSCALERS = ("latent", "lanczos")
 BLACK_NOTE = "returned black"
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
+# How many encoded prompts a generator keeps: the negative prompt rarely changes
+# within a run, so it is encoded once.
+ENCODED_CACHE = 16
 
 
 class DiffusersOptions(Options):
@@ -141,8 +153,8 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
 # --- prompts -------------------------------------------------------------------------
 
 
-def vocabulary(tokenizer) -> pw.Vocabulary:
-    """What chunking needs from a CLIP tokenizer."""
+def vocabulary(tokenizer, pad: int | None = None) -> pw.Vocabulary:
+    """What chunking needs from a CLIP tokenizer; ``pad`` replaces its padding."""
 
     def tokenize(texts):
         return tokenizer(list(texts), add_special_tokens=False, verbose=False).input_ids
@@ -152,18 +164,29 @@ def vocabulary(tokenizer) -> pw.Vocabulary:
         tokenize=tokenize,
         bos=tokenizer.bos_token_id,
         eos=tokenizer.eos_token_id,
-        pad=tokenizer.pad_token_id,
+        pad=tokenizer.pad_token_id if pad is None else pad,
         comma=comma[-1] if comma else None,
     )
 
 
-def encode_chunks(text_encoder, prompts: list[list[pw.Chunk]], clip_skip: int):
+def encode_chunks(
+    text_encoder,
+    prompts: list[list[pw.Chunk]],
+    clip_skip: int,
+    *,
+    final_layer_norm: bool = True,
+    pooled: bool = False,
+):
     """Encode prompts of equal chunk counts: ``(prompts, 77 * chunks, dim)``.
 
     Each chunk goes through the text encoder on its own; CLIP skip ``n`` takes the
     ``n``-th hidden state from the end and applies the final layer norm, as the
-    WebUI does (``n = 1`` is the ordinary last hidden state). Then the emphasis
-    weights scale the token embeddings and the chunk's mean is restored.
+    WebUI does for SD 1.x (``n = 1`` is the ordinary last hidden state). SDXL's
+    encoders skip the norm (``final_layer_norm=False``). Then the emphasis weights
+    scale the token embeddings and the chunk's mean is restored.
+
+    With ``pooled``, also returns each prompt's pooled output ``(prompts, dim)``
+    from its first chunk, before emphasis (the WebUI's SDXL ``pooled``).
     """
     import torch
 
@@ -174,16 +197,25 @@ def encode_chunks(text_encoder, prompts: list[list[pw.Chunk]], clip_skip: int):
     device = text_encoder.device
     ids = torch.tensor([c.ids for c in flat], device=device)
     with torch.no_grad():
-        out = text_encoder(ids, output_hidden_states=True)
-        if clip_skip <= 1:
+        # Hidden states are only collected when a layer other than the last is read.
+        hidden = clip_skip > 1 or not final_layer_norm
+        out = text_encoder(ids, output_hidden_states=hidden)
+        if clip_skip <= 1 and final_layer_norm:
             embeds = out.last_hidden_state
-        else:
+        elif final_layer_norm:
             # transformers 5 dropped the ``text_model`` wrapper of CLIPTextModel.
             inner = getattr(text_encoder, "text_model", text_encoder)
             embeds = inner.final_layer_norm(out.hidden_states[-clip_skip])
+        else:
+            embeds = out.hidden_states[-clip_skip]
         if any(w != 1.0 for c in flat for w in c.weights):
             embeds = pw.apply_emphasis(embeds, [c.weights for c in flat])
-    return embeds.reshape(len(prompts), -1, embeds.shape[-1])
+    embeds = embeds.reshape(len(prompts), -1, embeds.shape[-1])
+    if not pooled:
+        return embeds
+    first = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    per_prompt = len(flat) // len(prompts)
+    return embeds, first[::per_prompt]
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int):
@@ -200,15 +232,21 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int):
 
 
 class _Prompts:
-    """One item's positive and negative prompt, chunked, and what to say about it."""
+    """One item's positive and negative prompt, chunked, and what to say about it.
 
-    def __init__(self, spec: PromptSpec, vocab: pw.Vocabulary):
+    ``vocabs`` holds one vocabulary a text encoder (two for SDXL); ``positive`` and
+    ``negative`` are the first's tokenization, ``positives`` and ``negatives`` all.
+    """
+
+    def __init__(self, spec: PromptSpec, vocabs: list[pw.Vocabulary], tokenize=None):
+        tokenize = tokenize or pw.tokenize_prompt
         self.notes: list[str] = []
         prompt = self._prepare("prompt", spec.prompt)
         negative = self._prepare("negative prompt", spec.negative_prompt)
-        self.positive = pw.tokenize_prompt(prompt, vocab)
-        self.negative = pw.tokenize_prompt(negative, vocab)
-        self.chunks = max(len(self.positive.chunks), len(self.negative.chunks))
+        self.positives = [tokenize(prompt, vocab) for vocab in vocabs]
+        self.negatives = [tokenize(negative, vocab) for vocab in vocabs]
+        self.positive, self.negative = self.positives[0], self.negatives[0]
+        self.chunks = max(len(t.chunks) for t in (*self.positives, *self.negatives))
         for label, tokenized in (
             ("prompt", self.positive),
             ("negative prompt", self.negative),
@@ -247,7 +285,7 @@ class DiffusersGenerator(Generator):
 
     name = "diffusers"
     description = (
-        "Local Stable Diffusion 1.x through diffusers (folder or single file)."
+        "Local Stable Diffusion 1.x and SDXL through diffusers (folder or single file)."
     )
     Options = DiffusersOptions
 
@@ -284,6 +322,11 @@ class DiffusersGenerator(Generator):
         self._upscaler = None
         self._vae32 = None
         self._sha256: str | None = None
+        self._sdxl = False
+        self._vocabs: list[pw.Vocabulary] = []
+        self._empty: list[pw.Chunk] = []
+        self._encoded: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+        self._tokenized: OrderedDict[tuple, pw.TokenizedPrompt] = OrderedDict()
 
     @property
     def _model_upscaler(self) -> bool:
@@ -315,7 +358,12 @@ class DiffusersGenerator(Generator):
             raise MissingDependency(
                 exc.name or "diffusers", "diffusers", "generator 'diffusers'"
             ) from None
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+        from diffusers import (
+            StableDiffusionImg2ImgPipeline,
+            StableDiffusionPipeline,
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLPipeline,
+        )
 
         if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
             from diffusers.utils import logging as diffusers_logging
@@ -324,9 +372,24 @@ class DiffusersGenerator(Generator):
         path = Path(self.options.model).expanduser()
         device, dtype = self._torch_setup()
         started = time.perf_counter()
+        self._sdxl = is_sdxl(path, self.options.config)
+        if self._sdxl:
+            pipeline_cls, img2img_cls = (
+                StableDiffusionXLPipeline,
+                StableDiffusionXLImg2ImgPipeline,
+            )
+            # No invisible watermark: it would change pixels a dataset keeps.
+            extra = {"add_watermarker": False}
+            img2img_extra = {**extra, "requires_aesthetics_score": False}
+        else:
+            pipeline_cls, img2img_cls = (
+                StableDiffusionPipeline,
+                StableDiffusionImg2ImgPipeline,
+            )
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+            img2img_extra = {"requires_safety_checker": False}
         common = {
-            "safety_checker": None,
-            "requires_safety_checker": False,
+            **extra,
             "local_files_only": self.options.local_files_only,
             **_dtype_kwarg(dtype),
         }
@@ -334,7 +397,7 @@ class DiffusersGenerator(Generator):
             # None prefers .safetensors and falls back to pickled weights.
             safe = None if self.options.allow_pickle else True
             try:
-                pipe = StableDiffusionPipeline.from_pretrained(
+                pipe = pipeline_cls.from_pretrained(
                     str(path), use_safetensors=safe, **common
                 )
             except OSError as exc:
@@ -346,26 +409,37 @@ class DiffusersGenerator(Generator):
                 raise self._pickle_error(path)
             config = self._single_file_config(path)
             try:
-                pipe = StableDiffusionPipeline.from_single_file(
-                    str(path), config=config, **common
-                )
+                pipe = pipeline_cls.from_single_file(str(path), config=config, **common)
             except (OSError, ValueError, KeyError) as exc:
                 raise ConfigError(
-                    f"generator (diffusers): cannot load {path.name} as an SD 1.x "
-                    f"checkpoint with the configs in {config}: {exc}"
+                    f"generator (diffusers): cannot load {path.name} as an "
+                    f"{'SDXL' if self._sdxl else 'SD 1.x'} checkpoint with the "
+                    f"configs in {config}: {exc}"
                 ) from None
         else:
             raise ConfigError(
                 f"generator (diffusers): model {str(path)!r} does not exist; set "
                 "generator.model to a diffusers folder or a .safetensors checkpoint"
             )
+        if self._sdxl and (pipe.text_encoder is None or pipe.tokenizer is None):
+            raise ConfigError(
+                f"generator (diffusers): {path.name} has no CLIP-L text encoder (an "
+                "SDXL refiner?); only SDXL base models are supported"
+            )
         pipe.scheduler = make_scheduler(self.options.sampler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         self._pipe = pipe
-        self._img2img = StableDiffusionImg2ImgPipeline(
-            **pipe.components, requires_safety_checker=False
-        )
+        self._img2img = img2img_cls(**pipe.components, **img2img_extra)
+        self._vocabs = [vocabulary(pipe.tokenizer)]
+        if self._sdxl:
+            # Chunked with EOS as padding, then padded after the EOS (WebUI).
+            self._vocabs.append(
+                vocabulary(pipe.tokenizer_2, pad=pipe.tokenizer_2.eos_token_id)
+            )
+        self._empty = [pw.tokenize_prompt("", v).chunks[0] for v in self._vocabs]
+        self._encoded.clear()
+        self._tokenized.clear()
         self._img2img.set_progress_bar_config(disable=True)
         if self.options.hires.enabled and self._model_upscaler:
             from .upscalers import ModelUpscaler
@@ -435,30 +509,33 @@ class DiffusersGenerator(Generator):
     def _generate_batch(self, specs: list[PromptSpec], seeds: list[int]):
         opts = self.options
         started = time.perf_counter()
-        vocab = vocabulary(self._pipe.tokenizer)
-        prompts = [_Prompts(spec, vocab) for spec in specs]
+        prompts = [_Prompts(spec, self._vocabs, self._tokenize) for spec in specs]
 
         # Items of one chunk count run together: padding a prompt with empty chunks
         # to match another item's would change its image.
         images: list[Any] = [None] * len(specs)
         notes: list[list[str]] = [list(p.notes) for p in prompts]
-        empty = pw.tokenize_prompt("", vocab).chunks[0]
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(prompts):
             groups.setdefault(item.chunks, []).append(i)
+        encoders = range(len(self._vocabs))
         for count, members in groups.items():
-            positive = encode_chunks(
-                self._pipe.text_encoder,
-                [prompts[i].positive.padded(count, empty) for i in members],
-                opts.clip_skip,
+            group = [prompts[i] for i in members]
+            positive = self._encode(
+                [[item.positives[k] for item in group] for k in encoders], count
             )
-            negative = encode_chunks(
-                self._pipe.text_encoder,
-                [prompts[i].negative.padded(count, empty) for i in members],
-                opts.clip_skip,
+            negative = self._encode(
+                [[item.negatives[k] for item in group] for k in encoders], count
             )
+            conditioning = {
+                "prompt_embeds": positive[0],
+                "negative_prompt_embeds": negative[0],
+            }
+            if self._sdxl:
+                conditioning["pooled_prompt_embeds"] = positive[1]
+                conditioning["negative_pooled_prompt_embeds"] = negative[1]
             group_images, problems = self._sample(
-                positive, negative, [seeds[i] for i in members]
+                conditioning, [seeds[i] for i in members]
             )
             for i, image, problem in zip(members, group_images, problems, strict=True):
                 images[i] = image
@@ -492,7 +569,71 @@ class DiffusersGenerator(Generator):
             )
         ]
 
-    def _sample(self, positive, negative, seeds: list[int]):
+    def _tokenize(self, text: str, vocab: pw.Vocabulary) -> pw.TokenizedPrompt:
+        """``tokenize_prompt``, remembered: the negative prompt repeats every item."""
+        key = (id(vocab), text)
+        if key in self._tokenized:
+            self._tokenized.move_to_end(key)
+            return self._tokenized[key]
+        tokenized = self._tokenized[key] = pw.tokenize_prompt(text, vocab)
+        if len(self._tokenized) > ENCODED_CACHE:
+            self._tokenized.popitem(last=False)
+        return tokenized
+
+    def _encode(self, tokenized: list[list[pw.TokenizedPrompt]], count: int):
+        """Encode one side (positive or negative) of a group: ``(embeds, pooled)``.
+
+        ``tokenized`` holds the group's prompts as each text encoder's tokenizer cut
+        them (SD 1.x reads only the first). Results are kept for the next call with
+        the same chunks, so a run's one negative prompt is encoded once.
+        """
+        padded = [
+            [t.padded(count, empty) for t in prompts]
+            for prompts, empty in zip(tokenized, self._empty, strict=True)
+        ]
+        key = (
+            self.options.clip_skip,
+            tuple(
+                tuple((*c.ids, *c.weights) for c in chunks)
+                for prompts in padded
+                for chunks in prompts
+            ),
+        )
+        if key in self._encoded:
+            self._encoded.move_to_end(key)
+            return self._encoded[key]
+        if self._sdxl:
+            encoded = self._encode_sdxl(padded)
+        else:
+            pipe = self._pipe
+            encoded = (
+                encode_chunks(pipe.text_encoder, padded[0], self.options.clip_skip),
+                None,
+            )
+        self._encoded[key] = encoded
+        if len(self._encoded) > ENCODED_CACHE:
+            self._encoded.popitem(last=False)
+        return encoded
+
+    def _encode_sdxl(self, padded: list[list[list[pw.Chunk]]]):
+        """CLIP-L's and bigG's penultimate layers side by side; bigG's pooled output."""
+        import torch
+
+        pipe = self._pipe
+        # WebUI: CLIP skip leaves SDXL at the penultimate layer unless it asks for
+        # more, and then only CLIP-L moves.
+        skip = max(2, self.options.clip_skip)
+        clip_l = encode_chunks(
+            pipe.text_encoder, padded[0], skip, final_layer_norm=False
+        )
+        eos, pad = pipe.tokenizer_2.eos_token_id, pipe.tokenizer_2.pad_token_id
+        repadded = [[pw.pad_after_end(c, eos, pad) for c in p] for p in padded[1]]
+        big_g, pooled = encode_chunks(
+            pipe.text_encoder_2, repadded, 2, final_layer_norm=False, pooled=True
+        )
+        return torch.cat([clip_l, big_g], dim=-1), pooled
+
+    def _sample(self, conditioning: dict[str, Any], seeds: list[int]):
         """Run the passes for one group; return images and each one's problems."""
         import torch
 
@@ -501,8 +642,7 @@ class DiffusersGenerator(Generator):
         # device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         common = {
-            "prompt_embeds": positive,
-            "negative_prompt_embeds": negative,
+            **conditioning,
             "guidance_scale": opts.cfg_scale,
             "generator": generators,
         }
@@ -512,6 +652,7 @@ class DiffusersGenerator(Generator):
             num_inference_steps=opts.steps,
             output_type="latent",
             **common,
+            **self._size_conditioning(opts.width, opts.height),
         ).images
         if not opts.hires.enabled:
             return self._decode_images(base)
@@ -548,9 +689,17 @@ class DiffusersGenerator(Generator):
             num_inference_steps=max(steps, math.ceil(1 / max(hires.denoise, 1e-3))),
             output_type="latent",
             **common,
+            **self._size_conditioning(width, height),
         ).images
         images, final = self._decode_images(latents)
         return images, [a + b for a, b in zip(problems, final, strict=True)]
+
+    def _size_conditioning(self, width: int, height: int) -> dict[str, Any]:
+        """SDXL's ``add_time_ids``: the pass's own size, uncropped, as the WebUI."""
+        if not self._sdxl:
+            return {}
+        size = (height, width)
+        return {"original_size": size, "target_size": size}
 
     # --- decoding, with the WebUI's NaN guard ---------------------------------------
 
@@ -573,10 +722,14 @@ class DiffusersGenerator(Generator):
         """
         import torch
 
-        pixels = list(self._decode(latents, self._pipe.vae))
+        vae = self._pipe.vae
+        if self._sdxl and vae.dtype == torch.float16 and vae.config.force_upcast:
+            # SDXL's VAE overflows in float16, as its config says: go to float32.
+            vae = self._float32_vae()
+        pixels = list(self._decode(latents, vae))
         bad = _bad_images(pixels)
         problems: list[list[str]] = [[] for _ in pixels]
-        if bad and self._pipe.vae.dtype == torch.float16:
+        if bad and vae.dtype == torch.float16:
             rows = sorted(bad)
             log.warning("the float16 VAE gave NaN or black; decoding again in float32")
             retried = list(self._decode(latents[rows].float(), self._float32_vae()))
@@ -658,6 +811,8 @@ class DiffusersGenerator(Generator):
         self._img2img = None
         self._upscaler = None
         self._vae32 = None
+        self._encoded.clear()
+        self._tokenized.clear()
         if device.type == "cuda":
             import torch
 
@@ -676,6 +831,19 @@ def _bad_images(pixels) -> dict[int, str]:
         elif float(image.max()) <= -1 + 1 / 255:
             bad[row] = "an all-black image"
     return bad
+
+
+def is_sdxl(path: Path, config: str = "") -> bool:
+    """Whether a diffusers folder (or a single file's config folder) is SDXL."""
+    folder = path if path.is_dir() else Path(config).expanduser()
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return "XL" in str(data.get("_class_name", "")) or "text_encoder_2" in data
 
 
 def _dtype_kwarg(dtype) -> dict[str, Any]:

@@ -87,6 +87,11 @@ class LLMOptions(Options):
         "sd15", description="Which of the pack's few-shot prompts to show."
     )
     max_fewshot: int = Field(10, ge=0, description="Few-shot examples per request.")
+    fewshot_file: str = Field(
+        "",
+        description="JSONL of community prompts (chatroom prompts import); its "
+        "prompts of this family replace the pack's.",
+    )
     timeout: float = Field(60.0, gt=0, description="Seconds per request.")
     max_retries: int = Field(4, ge=0, le=20, description="Retries of failed calls.")
     retry_wait: float = Field(
@@ -354,6 +359,7 @@ class LLMPrompter(Prompter):
         self._lock = threading.Lock()
         self._seeded = False
         self._warned = False
+        self._file_shots = None  # fewshot_file's examples, read on first use
 
     # --- set-up ---------------------------------------------------------------------
 
@@ -414,6 +420,14 @@ class LLMPrompter(Prompter):
                     continue
 
     def fewshot(self, domain):
+        if self.options.fewshot_file:
+            if self._file_shots is None:
+                from chatroom.community import read_fewshot
+
+                self._file_shots = read_fewshot(
+                    self.options.fewshot_file, self.options.family, self.who
+                )
+            return self._file_shots[: self.options.max_fewshot]
         shots = [s for s in domain.fewshot if s.family == self.options.family]
         return shots[: self.options.max_fewshot]
 

@@ -215,6 +215,19 @@ def tokenize_prompt(
     )
 
 
+def pad_after_end(chunk: Chunk, eos: int, pad: int) -> Chunk:
+    """The chunk with every token after its first EOS replaced by ``pad``.
+
+    The WebUI chunks with EOS as padding and then, for an encoder whose padding
+    token is not EOS (OpenCLIP, SDXL's second encoder), puts that token after the
+    first EOS: ``BOS text EOS pad pad ...``.
+    """
+    if pad == eos or eos not in chunk.ids:
+        return chunk
+    end = chunk.ids.index(eos) + 1
+    return Chunk(chunk.ids[:end] + [pad] * (len(chunk.ids) - end), chunk.weights)
+
+
 def apply_emphasis(embeddings, weights, restore_mean: bool = True):
     """Scale each token's embedding by its weight, then restore the mean (WebUI).
 

@@ -193,6 +193,27 @@ def test_generator_encodes_negative_prompt_with_clip_skip(generator, monkeypatch
     assert calls == [([1], 2), ([1], 2)]
 
 
+def test_the_negative_prompt_is_encoded_once(smoke_dir, monkeypatch):
+    gen = make_generator(smoke_dir)
+    calls = []
+
+    def spy(encoder, prompts, clip_skip):
+        calls.append(prompts)
+        return encode_chunks(encoder, prompts, clip_skip)
+
+    monkeypatch.setattr(diffusers_generator, "encode_chunks", spy)
+    first = gen.generate([spec(0, "a coat", "ugly")], [5])[0]
+    assert len(calls) == 2  # positive, negative
+    second, third = (
+        gen.generate([spec(1, "a hat", "ugly")], [5])[0],
+        gen.generate([spec(2, "a coat", "ugly")], [5])[0],
+    )
+    assert len(calls) == 3  # only "a hat" was new
+    assert np.array_equal(pixels(first), pixels(third))
+    assert not np.array_equal(pixels(first), pixels(second))
+    gen.close()
+
+
 def test_a_weight_changes_exactly_the_weighted_tokens(generator):
     import torch
 
@@ -230,7 +251,8 @@ def test_long_weighted_prompt_is_chunked_and_recorded(generator, monkeypatch):
     monkeypatch.setattr(diffusers_generator, "encode_chunks", spy)
     # "the" is one token of the tiny tokenizer: 120 tokens, one of them weighted.
     prompt = "(the:1.3) " + "the " * 119
-    (candidate,) = generator.generate([spec(0, prompt)], [1])
+    # A negative prompt no other test uses: encodings are kept between calls.
+    (candidate,) = generator.generate([spec(0, prompt, "blurry")], [1])
     assert candidate.received_prompt == "the " * 120
     assert "prompt: 120 tokens in 2 chunks; weights applied" in candidate.warnings
     assert "negative prompt: padded with 1 empty chunk(s) to 2" in candidate.warnings

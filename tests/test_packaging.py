@@ -88,6 +88,8 @@ def names(wheel) -> set[str]:
 def test_wheel_holds_the_package_plugins_and_domain_packs(names):
     for module in ("__init__", "cli", "hookspecs", "manager", "components", "testing"):
         assert f"chatroom/{module}.py" in names
+    for module in ("__init__", "build", "render", "stats", "embed", "quality"):
+        assert f"chatroom/report/{module}.py" in names
     for plugin in (
         "image_checks",
         "template_prompter",

@@ -45,6 +45,11 @@ def test_writes_small_model_folders(smoke_dir):
         "sd15/tokenizer/merges.txt",
         "sd15/scheduler/scheduler_config.json",
         "sd15.safetensors",
+        "sdxl/model_index.json",
+        "sdxl/unet/diffusion_pytorch_model.safetensors",
+        "sdxl/text_encoder/model.safetensors",
+        "sdxl/text_encoder_2/model.safetensors",
+        "sdxl/tokenizer_2/vocab.json",
         "esrgan/RealESRGAN_x4plus-smoke.safetensors",
         "blip2/config.json",
         "blip2/model.safetensors",
@@ -59,8 +64,9 @@ def test_writes_small_model_folders(smoke_dir):
 def test_weights_are_deterministic(smoke_dir, tmp_path):
     again = write_smoke_models(tmp_path / "again")
     assert _digests(again) == _digests(smoke_dir)
-    # unet, vae, text encoder, the single file, esrgan, blip2
-    assert len(_digests(again)) == 6
+    # SD 1.5: unet, vae, text encoder, the single file; esrgan; blip2;
+    # SDXL: unet, vae, two text encoders
+    assert len(_digests(again)) == 10
 
 
 def test_sd15_loads_with_diffusers(smoke_dir):
@@ -88,6 +94,14 @@ def test_sd15_loads_with_diffusers(smoke_dir):
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 96)
+
+
+def test_smoke_set_writes_quickly(tmp_path):
+    import time
+
+    started = time.perf_counter()
+    write_smoke_models(tmp_path / "timed")
+    assert time.perf_counter() - started < 15
 
 
 def test_blip2_loads_with_transformers(smoke_dir):
