@@ -260,21 +260,28 @@ def prompts():
     show_default=True,
     help="Checkpoint family of the samples; auto guesses from model and size.",
 )
-def prompts_import(sources, output, family):
+@click.option("--overwrite", is_flag=True, help="Replace FILE.jsonl if it exists.")
+def prompts_import(sources, output, family, overwrite):
     """Read WebUI images (PNG, JPEG, WebP) and JSONL files into few-shot rows."""
     import json
     from pathlib import Path
 
     from .community import import_sources
+    from .errors import InputError
+    from .store import atomic_write_text
 
+    path = Path(output)
+    if path.is_dir():
+        raise InputError(f"-o {path} is a folder: name the JSONL file to write")
+    if any(Path(s).resolve() == path.resolve() for s in sources):
+        raise InputError(f"-o {path} is one of the sources: choose another file")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists: choose another -o or pass --overwrite")
     result = import_sources(sources, family)
     for source, reason in result.skipped:
         click.echo(f"skipped {source}: {reason}", err=True)
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for row in result.rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows)
+    atomic_write_text(path, text)
     click.echo(
         f"wrote {len(result.rows)} samples to {path} ({len(result.skipped)} skipped)"
     )

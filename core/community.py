@@ -216,20 +216,24 @@ def _user_comment(raw: Any) -> str:
 
 def _jsonl_samples(path: Path) -> Iterator[tuple[str, dict[str, Any] | str]]:
     """``(source, sample)`` per line; a sample is a dict, or the reason it is not."""
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, f"not JSON: {exc.msg}"
-                continue
-            if not isinstance(data, dict):
-                yield where, "not a JSON object"
-                continue
-            yield where, data
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        yield str(path), "not a UTF-8 text file"
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield where, f"not JSON: {exc.msg}"
+            continue
+        if not isinstance(data, dict):
+            yield where, "not a JSON object"
+            continue
+        yield where, data
 
 
 def _expand(sources: Iterable[str | Path]) -> Iterator[Path]:
@@ -464,8 +468,38 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 sample = normalise(sample)
             except SkipSource as exc:
                 raise InputError(f"{where}: {exc}") from None
+        problem = _row_problem(sample)
+        if problem:
+            raise InputError(f"{where}: {problem}")
         rows.append(sample)
     return rows
+
+
+NUMERIC_SETTINGS = ("steps", "cfg_scale", "width", "height", "clip_skip", "seed")
+
+
+def _row_problem(row: dict[str, Any]) -> str:
+    """Why an (edited) imported row cannot be used, or ''."""
+    import math
+
+    if not isinstance(row.get("prompt"), str):
+        return "'prompt' must be text"
+    if not isinstance(row.get("negative_prompt", ""), str):
+        return "'negative_prompt' must be text"
+    settings = row.get("settings")
+    if not isinstance(settings, dict):
+        return "'settings' must be a table of settings"
+    for key in NUMERIC_SETTINGS:
+        value = settings.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"settings.{key} = {value!r}: expected a number"
+        if not math.isfinite(value) or value < 0:
+            return f"settings.{key} = {value!r}: expected a finite, positive number"
+    if not isinstance(settings.get("hires", {}) or {}, dict):
+        return "'settings.hires' must be a table"
+    return ""
 
 
 def read_fewshot(path: str | Path, family: str, who: str = "") -> list[FewShot]:

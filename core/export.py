@@ -32,6 +32,8 @@ FORMATS = ("parquet", "webdataset")
 EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}
 # A leading "_": pyarrow and datasets skip the manifest when they read the folder.
 MANIFEST = "_manifest.json"
+# Marks a folder whose export is being (re)written; gone once the manifest is.
+INCOMPLETE = "_incomplete.json"
 SHARD_PATTERN = re.compile(r"shard-\d{5}\.(parquet|tar)")
 FINISHED = ("complete", "budget exhausted")
 DEFAULT_SHARD_SIZE = 1000
@@ -129,6 +131,7 @@ def _export(run_dir, format, dest, shard_size, shards) -> ExportResult:
             raise InputError(
                 f"export folder cannot be made: {dest} ({exc.strerror})"
             ) from None
+        store.atomic_write_text(dest / INCOMPLETE, json.dumps({"run": str(run_dir)}))
         (dest / MANIFEST).unlink(missing_ok=True)
         for leftover in dest.glob(store.TMP_PREFIX + "*"):
             leftover.unlink()
@@ -170,6 +173,7 @@ def _export(run_dir, format, dest, shard_size, shards) -> ExportResult:
         store.atomic_write_text(
             dest / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         )
+        (dest / INCOMPLETE).unlink(missing_ok=True)
 
         # Shards of an earlier, larger export in the same folder are stale now.
         names = {shard["name"] for shard in written}
@@ -199,11 +203,20 @@ def _destination(run_dir: Path, dest, format: str) -> Path:
             f"export folder {dest} is the run folder or inside its data: choose "
             "another -o"
         )
+    ours = (dest / MANIFEST).is_file() or (dest / INCOMPLETE).is_file()
+    if dest.is_dir() and any(dest.iterdir()) and not ours:
+        # Shard-like names without our manifest may be anyone's: touch nothing.
+        names = sorted(p.name for p in dest.iterdir())
+        more = "..." if len(names) > 3 else ""
+        raise InputError(
+            f"export folder {dest} is not empty and holds no finished export "
+            f"({', '.join(names[:3])}{more}); choose an empty or new folder"
+        )
     if dest.is_dir():
         stray = sorted(
             p.name
             for p in dest.iterdir()
-            if p.name != MANIFEST
+            if p.name not in (MANIFEST, INCOMPLETE)
             and not SHARD_PATTERN.fullmatch(p.name)
             and not p.name.startswith(store.TMP_PREFIX)
         )

@@ -303,6 +303,40 @@ def test_import_reads_images_and_jsonl_and_says_why_it_skipped(tmp_path):
     assert [r["settings"] for r in rows_of(again)] == [r["settings"] for r in rows]
 
 
+def test_import_never_overwrites_without_being_asked(tmp_path):
+    source = png(tmp_path / "a.png", "red coat\nSteps: 20, Sampler: Euler a, Seed: 1")
+    (tmp_path / "old.jsonl").write_text("precious\n")
+
+    into_source = cli("prompts", "import", "a.png", "-o", "a.png", cwd=tmp_path)
+    existing = cli("prompts", "import", "a.png", "-o", "old.jsonl", cwd=tmp_path)
+    replaced = cli(
+        "prompts", "import", "a.png", "-o", "old.jsonl", "--overwrite", cwd=tmp_path
+    )
+
+    assert into_source.returncode == 2 and "is one of the sources" in into_source.stderr
+    assert existing.returncode == 2 and "--overwrite" in existing.stderr
+    assert source.read_bytes().startswith(b"\x89PNG")
+    assert replaced.returncode == 0
+    assert rows_of(tmp_path / "old.jsonl")[0]["prompt"] == "red coat"
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ('{"prompt": "x", "settings": "flat"}', "'settings' must be a table"),
+        ('{"prompt": "x", "settings": {"steps": "abc"}}', "settings.steps = 'abc'"),
+        ('{"prompt": null, "settings": {"steps": 20}}', "'prompt' must be text"),
+        ('{"prompt": "x", "settings": {"cfg_scale": 1e999}}', "finite"),
+    ],
+)
+def test_hand_edited_rows_are_one_line_errors(tmp_path, row, message):
+    (tmp_path / "edited.jsonl").write_text(row + "\n")
+    for command in ("stats", "defaults"):
+        result = cli("prompts", command, "edited.jsonl", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_missing_source_is_one_line_and_exit_2(tmp_path):
     result = cli("prompts", "import", "nowhere", "-o", "x.jsonl", cwd=tmp_path)
     assert result.returncode == 2

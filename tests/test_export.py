@@ -186,9 +186,10 @@ def test_a_killed_export_leaves_no_half_shard(run7, tmp_path, monkeypatch):
     # No manifest while shards are being replaced, no temporary file, and every
     # shard under a final name is whole.
     names = sorted(p.name for p in dest.iterdir())
-    assert export.MANIFEST not in names
+    assert export.MANIFEST not in names and export.INCOMPLETE in names
     assert not [n for n in names if n.startswith(".")]
-    rows = {name: pq.read_metadata(dest / name).num_rows for name in names}
+    shards = [n for n in names if n.startswith("shard-")]
+    rows = {name: pq.read_metadata(dest / name).num_rows for name in shards}
     assert rows == {  # the new first shard, and the earlier export's others
         "shard-00000.parquet": 3,
         "shard-00001.parquet": 2,
@@ -233,11 +234,22 @@ def test_a_run_in_progress_is_refused(run7, tmp_path):
 def test_the_export_folder_must_hold_nothing_else(run7, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(InputError, match=r"holds files that no export wrote"):
+    with pytest.raises(InputError, match=r"holds no finished export"):
         export.export_parquet(run7, tmp_path / "mine")
     with pytest.raises(InputError, match="inside its data"):
         export.export_parquet(run7, run7 / "images" / "export")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_files_that_only_look_like_shards_are_left_alone(run7, tmp_path):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "shard-00000.parquet").write_text("someone's data")
+    (folder / "shard-00007.tar").write_text("someone's data")
+    with pytest.raises(InputError, match=r"holds no finished export"):
+        export.export_parquet(run7, folder, shard_size=3)
+    assert (folder / "shard-00000.parquet").read_text() == "someone's data"
+    assert (folder / "shard-00007.tar").read_text() == "someone's data"
 
 
 def chatroom_cli(*args, cwd):

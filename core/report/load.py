@@ -68,8 +68,13 @@ def load_run(out: str | Path) -> RunData:
         raise ChatroomError(f"{out}: not a run folder (no run.json)")
     try:
         info = json.loads(run_json.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ChatroomError(f"{run_json}: cannot parse: {exc}") from None
+    shapes = {"settings": dict, "summary": (dict, type(None)), "components": dict}
+    if not isinstance(info, dict) or any(
+        not isinstance(info.get(key, {}), kind) for key, kind in shapes.items()
+    ):
+        raise ChatroomError(f"{run_json}: not a chatroom run.json")
     return RunData(
         out=out,
         info=info,
