@@ -193,3 +193,14 @@ def test_browser_renders_every_section(blank_run, tmp_path):
         assert marker in dom, marker
     # the page's scripts ran nothing from the data
     assert "alert(1)</script>" not in dom
+
+
+def test_a_killed_run_reads_as_interrupted(chatroom_run, few_refs):
+    from chatroom.report.load import load_run
+
+    _, out = chatroom_run(few_refs, count=2)
+    info = json.loads((out / "run.json").read_text())
+    info["status"] = "running"  # as a run killed with SIGKILL leaves it
+    (out / "run.json").write_text(json.dumps(info))
+
+    assert load_run(out).info["status"].startswith("interrupted")

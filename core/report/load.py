@@ -61,6 +61,23 @@ class RunData:
         }
 
 
+def _in_use(out: Path) -> bool:
+    """Whether a live run holds the folder's lock (a killed run's lock is released)."""
+    import fcntl
+
+    try:
+        handle = open(out / ".lock")  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def load_run(out: str | Path) -> RunData:
     out = Path(out)
     run_json = out / "run.json"
@@ -75,6 +92,8 @@ def load_run(out: str | Path) -> RunData:
         not isinstance(info.get(key, {}), kind) for key, kind in shapes.items()
     ):
         raise ChatroomError(f"{run_json}: not a chatroom run.json")
+    if info.get("status") == "running" and not _in_use(out):
+        info["status"] = "interrupted (run the same command to resume)"
     return RunData(
         out=out,
         info=info,
