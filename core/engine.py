@@ -263,18 +263,18 @@ class Engine:
             inputs = self.resolved.inputs_digest(
                 [r.sha256 for r in self.references.values()]
             )
-            if old.get("fingerprint") != self.fingerprint and (
-                changed or old.get("inputs") != inputs or self.fresh
+            if self.fresh:
+                self._wipe(out)  # the user asked to start afresh, same settings or not
+            elif old.get("fingerprint") != self.fingerprint and (
+                changed or old.get("inputs") != inputs
             ):
-                if not self.fresh:
-                    what = ", ".join(changed[:8]) or "references or domain pack"
-                    if len(changed) > 8:
-                        what += f" and {len(changed) - 8} more"
-                    raise ResumeError(
-                        f"{out} holds a run with other settings (changed: {what}); "
-                        "pass --fresh to start afresh there, or choose another -o"
-                    )
-                self._wipe(out)
+                what = ", ".join(changed[:8]) or "references or domain pack"
+                if len(changed) > 8:
+                    what += f" and {len(changed) - 8} more"
+                raise ResumeError(
+                    f"{out} holds a run with other settings (changed: {what}); "
+                    "pass --fresh to start afresh there, or choose another -o"
+                )
             elif old.get("fingerprint") != self.fingerprint:
                 # Only options added or dropped at their defaults: same run.
                 log.info("continuing run %s (options at defaults changed)", out)

@@ -367,3 +367,15 @@ def test_bad_generic_values_are_refused(chatroom_run, few_refs):
         chatroom_run(few_refs, overrides=['annotators.captions.enabled="maybe"'])
     with pytest.raises(ChatroomError, match="setting 'seed' = -5"):
         chatroom_run(few_refs, overrides=["seed=-5"])
+
+
+def test_fresh_starts_afresh_with_the_same_settings(chatroom_run, few_refs):
+    _, out = chatroom_run(few_refs, count=2)
+    (out / "report").mkdir()
+    (out / "report" / "index.html").write_text("an old report")
+    FakeGenerator.calls.clear()
+
+    summary, _ = chatroom_run(few_refs, count=2, fresh=True)
+
+    assert summary.written == 2 and len(FakeGenerator.calls) == 2
+    assert not (out / "report").exists()
