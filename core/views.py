@@ -122,6 +122,9 @@ def _checks(spec, domain):
                 if key == "model":
                     yield "weights model", False, "not set"
                 continue
+            if value.startswith("civitai:"):
+                yield f"weights {key}", True, "from Civitai, cached on first use"
+                continue
             local = os.path.exists(os.path.expanduser(value))
             hub = "/" in value and not value.startswith((".", "/", "~"))
             if local:

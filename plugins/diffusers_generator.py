@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -38,6 +39,7 @@ from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Candidate, GenerationSettings, HiresSettings, PromptSpec
 
+from . import civitai
 from . import prompt_weighting as pw
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,9 @@ ENCODED_CACHE = 16
 class DiffusersOptions(Options):
     model: str = Field(
         "",
-        description="A diffusers folder or a single-file .safetensors checkpoint, "
-        "e.g. majicmixRealistic_v6.safetensors.",
+        description="A diffusers folder, a single-file .safetensors checkpoint "
+        "(e.g. majicmixRealistic_v6.safetensors), a Hugging Face Hub id "
+        "(org/name) or civitai:VERSION_ID, a Civitai model version (docs/models.md).",
     )
     config: str = Field(
         "",
@@ -119,7 +122,22 @@ class DiffusersOptions(Options):
         description="torch CPU threads (0: torch's default). CPU results depend on "
         "it: pin it for byte-identical images across machines.",
     )
-    local_files_only: bool = True
+    local_files_only: bool = Field(
+        True,
+        description="For a Hugging Face Hub id: load only what is already in the "
+        "Hub cache; false lets diffusers download it.",
+    )
+    civitai_cache_dir: str = Field(
+        civitai.DEFAULT_CACHE,
+        description="Where civitai:VERSION_ID checkpoints are downloaded.",
+    )
+    civitai_base_url: str = Field(
+        civitai.BASE_URL, description="The Civitai server civitai: models come from."
+    )
+    civitai_key_env: str = Field(
+        civitai.TOKEN_ENV,
+        description="The environment variable holding the Civitai API key.",
+    )
 
     @field_validator("sampler")
     @classmethod
@@ -369,7 +387,7 @@ class DiffusersGenerator(Generator):
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
-        path = Path(self.options.model).expanduser()
+        path = resolve_model(self.options)
         device, dtype = self._torch_setup()
         started = time.perf_counter()
         self._sdxl = is_sdxl(path, self.options.config)
@@ -419,7 +437,8 @@ class DiffusersGenerator(Generator):
         else:
             raise ConfigError(
                 f"generator (diffusers): model {str(path)!r} does not exist; set "
-                "generator.model to a diffusers folder or a .safetensors checkpoint"
+                "generator.model to a diffusers folder, a .safetensors checkpoint, "
+                "a Hub id (org/name) or civitai:<modelVersionId>"
             )
         if self._sdxl and (pipe.text_encoder is None or pipe.tokenizer is None):
             raise ConfigError(
@@ -831,6 +850,66 @@ def _bad_images(pixels) -> dict[int, str]:
         elif float(image.max()) <= -1 + 1 / 255:
             bad[row] = "an all-black image"
     return bad
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model(options: DiffusersOptions) -> Path:
+    """The local file or folder ``generator.model`` names.
+
+    ``civitai:<id>`` is downloaded to (or found in) the Civitai cache; an
+    ``org/name`` that is no local path is a Hugging Face Hub id, fetched into the
+    Hub cache unless ``local_files_only``; anything else is a path as given.
+    """
+    model = options.model
+    version = civitai.parse_ref(model)
+    if version is not None:
+        downloader = civitai.Civitai(
+            cache_dir=options.civitai_cache_dir,
+            base_url=options.civitai_base_url,
+            token_env=options.civitai_key_env,
+        )
+        return downloader.fetch(version)
+    path = Path(model).expanduser()
+    if (
+        path.exists()
+        or not HUB_ID.fullmatch(model)
+        or path.suffix.lower() in (*PICKLED, ".safetensors")
+    ):
+        return path
+    return _hub_snapshot(model, options)
+
+
+def _hub_snapshot(repo_id: str, options: DiffusersOptions) -> Path:
+    """The Hub cache's folder for a pipeline repo; downloaded when allowed."""
+    from diffusers import DiffusionPipeline
+
+    from .remote import loopback_only
+
+    # Tests (and CHATROOM_LOOPBACK_ONLY) never reach the Hub: the cache only.
+    local_only = options.local_files_only or loopback_only()
+    offline = local_only or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "yes")
+    try:
+        folder = DiffusionPipeline.download(
+            repo_id,
+            local_files_only=local_only,
+            use_safetensors=None if options.allow_pickle else True,
+        )
+    except (OSError, ValueError) as exc:
+        if offline:
+            raise ConfigError(
+                f"generator (diffusers): {repo_id!r} is no local path and not in "
+                "the Hugging Face cache, and downloads are off (local_files_only or "
+                "HF_HUB_OFFLINE); "
+                f"download it first (hf download {repo_id}) or set generator.model "
+                "to a local diffusers folder"
+            ) from None
+        raise ConfigError(
+            f"generator (diffusers): cannot fetch {repo_id!r} from the Hugging "
+            f"Face Hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    return Path(folder)
 
 
 def is_sdxl(path: Path, config: str = "") -> bool:
