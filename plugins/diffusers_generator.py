@@ -340,6 +340,7 @@ class DiffusersGenerator(Generator):
         self._upscaler = None
         self._vae32 = None
         self._sha256: str | None = None
+        self._resolved: Path | None = None  # the local path load() found
         self._sdxl = False
         self._vocabs: list[pw.Vocabulary] = []
         self._empty: list[pw.Chunk] = []
@@ -388,6 +389,7 @@ class DiffusersGenerator(Generator):
 
             diffusers_logging.disable_progress_bar()
         path = resolve_model(self.options)
+        self._resolved = path
         device, dtype = self._torch_setup()
         started = time.perf_counter()
         self._sdxl = is_sdxl(path, self.options.config)
@@ -800,6 +802,7 @@ class DiffusersGenerator(Generator):
             version = None
         info = {
             "model": self.options.model,
+            "path": str(self._resolved) if self._resolved else None,
             "sha256": self.model_sha256(),
             "diffusers": version,
             "sampler": self.options.sampler,
@@ -811,7 +814,7 @@ class DiffusersGenerator(Generator):
     def model_sha256(self) -> str | None:
         """sha256 of the checkpoint file, or of model_index.json for a folder."""
         if self._sha256 is None:
-            path = Path(self.options.model).expanduser()
+            path = self._resolved or Path(self.options.model).expanduser()
             target = path / "model_index.json" if path.is_dir() else path
             if not target.is_file():
                 return None

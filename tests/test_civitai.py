@@ -340,4 +340,8 @@ def test_civitai_smoke_checkpoint_loads_through_the_generator(smoke_dir, tmp_pat
         pipe = generator.load()
     assert pipe.unet is not None
     assert (tmp_path / "cache" / str(VERSION) / "smoke_sd15.safetensors").is_file()
+    # run.json hashes the downloaded file, not the civitai: reference
+    described = generator.describe()
+    assert described["sha256"] == hashlib.sha256(checkpoint).hexdigest()
+    assert described["path"].endswith("smoke_sd15.safetensors")
     generator.close()
