@@ -127,12 +127,28 @@ def _clip_vocab(directory: Path) -> None:
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def tiny_vae(**config):
+    """A four-level AutoencoderKL as in SD (8x down-sampling), with tiny widths."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        **config,
+    )
+
+
 def write_sd15(directory: Path) -> Path:
     """A tiny SD 1.5 pipeline folder: 8x VAE, two-level UNet, four-layer CLIP."""
     try:
         import torch
         from diffusers import (
-            AutoencoderKL,
             DPMSolverMultistepScheduler,
             StableDiffusionPipeline,
             UNet2DConditionModel,
@@ -180,17 +196,7 @@ def write_sd15(directory: Path) -> Path:
         norm_num_groups=8,
     )
     # Four levels, as in SD: 8x down-sampling, so 64x96 pixels are 8x12 latents.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
-    )
+    vae = tiny_vae(sample_size=64)
     # SD's scaled-linear betas, as the real checkpoints' scheduler configs say.
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085,
@@ -227,7 +233,6 @@ def write_sdxl(directory: Path) -> Path:
     try:
         import torch
         from diffusers import (
-            AutoencoderKL,
             EulerDiscreteScheduler,
             StableDiffusionXLPipeline,
             UNet2DConditionModel,
@@ -295,18 +300,7 @@ def write_sdxl(directory: Path) -> Path:
         projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=128,
-        scaling_factor=0.13025,
-    )
+    vae = tiny_vae(sample_size=128, scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -27,3 +27,14 @@ def few_refs(tmp_path, fashion_refs) -> Path:
             img.thumbnail((96, 128))
             img.convert("RGB").save(folder / f"{path.stem}.jpg", quality=90)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smoke_dir(tmp_path_factory) -> Path:
+    """The smoke models (``chatroom smoke-models``), written once a session."""
+    from chatroom.smoke import write_smoke_models
+
+    root = tmp_path_factory.getbasetemp() / "smoke-models"
+    if not (root / "smoke.toml").is_file():
+        write_smoke_models(root)
+    return root

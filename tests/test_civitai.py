@@ -314,17 +314,6 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
         assert "local diffusers folder" in message
 
 
-@pytest.fixture(scope="session")
-def smoke_dir(tmp_path_factory):
-    from chatroom.smoke import write_smoke_models
-
-    # The same folder as test_local_backends.py: written once a session.
-    root = tmp_path_factory.getbasetemp() / "smoke-models"
-    if not (root / "smoke.toml").is_file():
-        write_smoke_models(root)
-    return root
-
-
 def test_civitai_smoke_checkpoint_loads_through_the_generator(smoke_dir, tmp_path):
     checkpoint = (smoke_dir / "sd15.safetensors").read_bytes()
     with FakeCivitai(checkpoint, name="smoke_sd15.safetensors") as server:

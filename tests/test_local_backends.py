@@ -40,16 +40,7 @@ from chatroom.plugins.diffusers_generator import (  # noqa: E402
     vocabulary,
 )
 from chatroom.plugins.prompt_weighting import tokenize_prompt  # noqa: E402
-from chatroom.smoke import ESRGAN_FILE, write_smoke_models  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def smoke_dir(tmp_path_factory):
-    # Written once a session; test_smoke_models.py finds the same folder.
-    root = tmp_path_factory.getbasetemp() / "smoke-models"
-    if not (root / "smoke.toml").is_file():
-        write_smoke_models(root)
-    return root
+from chatroom.smoke import ESRGAN_FILE  # noqa: E402
 
 
 @pytest.fixture(scope="session")

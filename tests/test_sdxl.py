@@ -22,16 +22,7 @@ from chatroom.plugins.prompt_weighting import (  # noqa: E402
     apply_emphasis,
     tokenize_prompt,
 )
-from chatroom.smoke import ESRGAN_FILE, write_smoke_models  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def smoke_dir(tmp_path_factory):
-    # Written once a session; the other local-backend tests find the same folder.
-    root = tmp_path_factory.getbasetemp() / "smoke-models"
-    if not (root / "smoke.toml").is_file():
-        write_smoke_models(root)
-    return root
+from chatroom.smoke import ESRGAN_FILE  # noqa: E402
 
 
 def make_generator(smoke_dir, **overrides):

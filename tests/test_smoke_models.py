@@ -19,15 +19,6 @@ from chatroom.smoke import write_smoke_models  # noqa: E402
 GENERIC_KEYS = ("use", "mode", "enabled")
 
 
-@pytest.fixture(scope="session")
-def smoke_dir(tmp_path_factory):
-    # Written once a session; test_local_backends.py finds the same folder.
-    root = tmp_path_factory.getbasetemp() / "smoke-models"
-    if not (root / "smoke.toml").is_file():
-        write_smoke_models(root)
-    return root
-
-
 def _digests(root):
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
