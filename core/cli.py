@@ -95,6 +95,17 @@ def main(verbose: int) -> None:
 @click.option(
     "--fresh", is_flag=True, help="Discard an earlier run in the output folder."
 )
+@click.option(
+    "--no-extraction",
+    is_flag=True,
+    help="Run no extractor: prompts from the domain word alone (an ablation).",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    help="Where model stages run: this process, or Ray actors (docs/ray.md).",
+)
+@click.option("--address", help="Ray cluster to join (default: start a local Ray).")
 def run(
     config_path,
     domain,
@@ -108,6 +119,9 @@ def run(
     stop_after,
     overrides,
     fresh,
+    no_extraction,
+    executor,
+    address,
 ):
     """Generate a dataset: extract, prompt, generate, filter, annotate, write."""
     from .runview import run_with_display
@@ -122,6 +136,9 @@ def run(
         "reference_sample": reference_sample,
         "max_candidates": max_candidates,
         "stop_after": stop_after,
+        "extraction": False if no_extraction else None,
+        "executor": executor,
+        "address": address,
     }
     summary = run_with_display(config_path, flags, list(overrides), fresh)
     if summary.status == "budget exhausted":
@@ -162,10 +179,17 @@ def doctor(config_path, domain, profile, overrides):
 @main.command()
 @click.argument("run_folder", metavar="OUT", type=click.Path())
 @click.option(
-    "--format", "fmt", type=click.Choice(["parquet", "webdataset"]), required=True
+    "--format",
+    "fmt",
+    type=click.Choice(["parquet", "webdataset", "hub"]),
+    required=True,
+    help="hub: Parquet shards and a dataset card pushed to the Hugging Face Hub.",
 )
 @click.option(
-    "-o", "--output", type=click.Path(), help="Export folder (default: OUT-FORMAT)."
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Export folder (default: OUT-FORMAT; OUT-parquet for hub).",
 )
 @click.option(
     "--shard-size",
@@ -174,8 +198,40 @@ def doctor(config_path, domain, profile, overrides):
     show_default=True,
     help="Most records per shard.",
 )
-def export(run_folder, fmt, output, shard_size):
-    """Write a finished run as Parquet or WebDataset shards with a manifest."""
+@click.option("--repo", metavar="ORG/NAME", help="hub: the dataset repo.")
+@click.option("--private", is_flag=True, help="hub: make a new repo private.")
+@click.option(
+    "--token-env",
+    default="HF_TOKEN",
+    show_default=True,
+    metavar="VAR",
+    help="hub: the environment variable that holds the access token.",
+)
+@click.option("--revision", default="main", show_default=True, help="hub: the branch.")
+@click.option("--license", metavar="ID", help="hub: the card's licence id.")
+def export(
+    run_folder, fmt, output, shard_size, repo, private, token_env, revision, license
+):
+    """Write a finished run as Parquet or WebDataset shards with a manifest,
+    or push it to the Hugging Face Hub with a dataset card."""
+    if fmt == "hub":
+        _push(
+            run_folder, output, shard_size, repo, private, token_env, revision, license
+        )
+        return
+    given = [
+        flag
+        for flag, value, default in (
+            ("--repo", repo, None),
+            ("--private", private, False),
+            ("--token-env", token_env, "HF_TOKEN"),
+            ("--revision", revision, "main"),
+            ("--license", license, None),
+        )
+        if value != default
+    ]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only go with --format hub")
     from .export import export_run
 
     result = export_run(run_folder, fmt, output, shard_size)
@@ -184,6 +240,37 @@ def export(run_folder, fmt, output, shard_size):
         f"exported {result.records} records in {shards} shard{'s' * (shards != 1)} "
         f"to {result.dest} ({len(result.skipped)} skipped; see {result.manifest})"
     )
+
+
+def _push(run_folder, output, shard_size, repo, private, token_env, revision, license):
+    from .hub import push_to_hub
+
+    if not repo:
+        raise click.UsageError("--format hub needs --repo ORG/NAME")
+    result = push_to_hub(
+        run_folder,
+        repo,
+        dest=output,
+        shard_size=shard_size,
+        private=private,
+        token_env=token_env,
+        revision=revision,
+        license=license,
+    )
+    if not result.changed:
+        click.echo(
+            f"{result.url} (branch {result.revision}) already holds this export "
+            "and card: nothing to push"
+        )
+        return
+    shards = len(result.export.shards)
+    deleted = f", {len(result.deleted)} stale shards deleted" if result.deleted else ""
+    click.echo(
+        f"pushed {result.records} records in {shards} shard{'s' * (shards != 1)} "
+        f"and a dataset card to {result.url} (branch {result.revision}{deleted}; "
+        f"{len(result.export.skipped)} skipped)"
+    )
+    click.echo(f"commit: {result.commit_url}")
 
 
 @main.command()
@@ -213,14 +300,61 @@ def curate(folder, output, domain, profile, config_path, overrides, fresh):
     "--compare", type=click.Path(), metavar="OTHER_OUT", help="A run to set beside it."
 )
 @click.option("--open", "open_browser", is_flag=True, help="Open it in a browser.")
-@click.option("--no-map", is_flag=True, help="Skip the text-embedding map.")
-@click.option("--no-quality", is_flag=True, help="Skip the BRISQUE scores.")
-def report(run_folder, compare, open_browser, no_map, no_quality):
+@click.option("--no-map", is_flag=True, help="Skip the embedding map.")
+@click.option("--no-quality", is_flag=True, help="Skip the quality scores.")
+@click.option(
+    "--vlm",
+    type=click.Path(),
+    metavar="CONFIG",
+    help="Config whose [vlm] (or [extractor]) answers the statistics questions.",
+)
+@click.option(
+    "--clip", type=click.Path(), metavar="MODEL_DIR", help="Map CLIP image features."
+)
+@click.option(
+    "--nima", type=click.Path(), metavar="WEIGHTS", help="NIMA checkpoint to score."
+)
+@click.option(
+    "--baseline",
+    "baselines",
+    multiple=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="A folder of other images to score for quality (repeatable).",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Most images a set for the statistics and quality (seeded).",
+)
+def report(
+    run_folder,
+    compare,
+    open_browser,
+    no_map,
+    no_quality,
+    vlm,
+    clip,
+    nima,
+    baselines,
+    sample,
+):
     """Write OUT/report/index.html and summary.json: funnel, scores, gallery."""
     from .report import build_report
 
     index = build_report(
-        run_folder, compare=compare, embeddings=not no_map, quality=not no_quality
+        run_folder,
+        compare=compare,
+        embeddings=not no_map,
+        quality=not no_quality,
+        vlm=vlm,
+        clip=clip,
+        nima=nima,
+        baselines=baselines,
+        stat_sample=sample,
+        quality_sample=sample,
     )
     click.echo(f"wrote {index}")
     if open_browser:

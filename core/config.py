@@ -26,8 +26,51 @@ RUN_CONTROL = {
     "queue_size",
     "references",
     "fresh",
+    "executor",
+    "address",
+    "ray",
 }
 STOP_POINTS = ("attributes", "prompts")
+
+
+class RaySettings(BaseModel):
+    """How the Ray executor places components on actors (``executor = "ray"``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: int = Field(
+        2,
+        ge=1,
+        description="Actors for each component that holds a local model (one with a "
+        "`device` option); each works on one batch at a time.",
+    )
+    actors: dict[str, int | dict[str, int]] = Field(
+        default_factory=dict,
+        description="Actors for one component, by its place in the settings: "
+        "`generator = 4`, `prompter = 1`, `filters = {nudenet = 2}`, `annotators = "
+        "{captions = 1}`; 0 keeps it in the driver process.",
+    )
+    gpus: float = Field(
+        1.0,
+        gt=0,
+        description="GPUs each actor of a CUDA component asks for (0.5: two share "
+        "one GPU).",
+    )
+    cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each actor asks for; a component's `threads` option, when "
+        "larger, wins.",
+    )
+    retries: int = Field(
+        3,
+        ge=0,
+        description="Times a batch is redone after the actor running it died; the "
+        "actor itself is always restarted.",
+    )
+    object_store_mb: int = Field(
+        256, ge=80, description="Object store of a local Ray (no `address`)."
+    )
 
 
 class RunSettings(BaseModel):
@@ -46,6 +89,19 @@ class RunSettings(BaseModel):
     stop_after: Literal["", "attributes", "prompts"] = ""
     queue_size: int = Field(4, ge=1)
     plan: Literal["marginal", "joint"] = "marginal"
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="`local` runs every stage in this process; `ray` runs the model "
+        "stages on Ray actors (docs/ray.md).",
+    )
+    address: str = Field(
+        "",
+        description="The Ray cluster to join (`auto`, `ray://host:10001`); empty "
+        "starts a local Ray for the run.",
+    )
+    ray: RaySettings = Field(default_factory=RaySettings)
+    # false: no extractor runs and prompts name no attributes (the paper's ablation)
+    extraction: bool = True
     extractor: dict[str, Any] = Field(default_factory=dict)
     prompter: dict[str, Any] = Field(default_factory=dict)
     generator: dict[str, Any] = Field(default_factory=dict)

@@ -56,6 +56,8 @@ RUN_SETTING_DESCRIPTIONS = {
     "plan": "`marginal` samples each attribute on its own, so attribute "
     "frequencies follow the references; `joint` keeps each reference's values "
     "together.",
+    "extraction": "`false` runs no extractor: prompts are written from the domain "
+    "word and few-shot examples alone (the paper's ablation; `--no-extraction`).",
     "extractor": "The extractor: `use` and its options (below).",
     "prompter": "The prompter: `use` and its options (below).",
     "generator": "The generator: `use` and its options (below).",
@@ -94,6 +96,13 @@ GENERIC_KEYS = [
         "filters, annotators",
         "`false` leaves the component out of the run, e.g. one the domain pack "
         "turns on.",
+    ),
+    (
+        "`domains`",
+        "list[str]",
+        "filters, annotators",
+        "Run the component only for these domains, so one config can serve "
+        'several packs (`domains = ["furniture"]`).',
     ),
 ]
 

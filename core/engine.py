@@ -21,6 +21,7 @@ from . import journal as jr
 from . import store
 from .components import Component, Context, ItemFailed
 from .errors import ChatroomError, InputError, ResumeError
+from .executors import Executor, make_executor
 from .manager import Plugins
 from .models import (
     Annotation,
@@ -168,6 +169,7 @@ class Engine:
         self._error: BaseException | None = None
         self._failures_in_a_row = 0
         self._stopping = False
+        self.executor: Executor = make_executor(self)
 
     # --- public ----------------------------------------------------------------
 
@@ -193,6 +195,7 @@ class Engine:
                         instance.close()
                     except Exception:  # closing must not hide the run's own error
                         log.exception("closing %s failed", instance.name)
+                self.executor.close()
                 self.journal.close()
         finally:
             self._lock.close()
@@ -343,6 +346,10 @@ class Engine:
             self._instances[key] = spec.cls(spec.options, context)
         return self._instances[key]
 
+    def _call(self, spec: ComponentSpec, method: str, *args):
+        """A component's method on one batch, wherever the executor runs it."""
+        return self.executor.call(spec, method, *args)
+
     # --- the run ---------------------------------------------------------------
 
     def _run(self, references: list[Reference], started: float) -> RunSummary:
@@ -425,6 +432,9 @@ class Engine:
     # --- extract ---------------------------------------------------------------
 
     def _bank(self, references: list[Reference]) -> AttributeBank:
+        if not self.settings.extraction:  # the ablation: prompts from the word alone
+            log.info("attribute extraction is off: prompts name no attributes")
+            return AttributeBank(domain=self.domain.name, attributes=[])
         path = self.out / "attributes.jsonl"
         if path.exists():
             try:
@@ -500,7 +510,7 @@ class Engine:
         failed: dict[int, ItemFailed] = {}
         if missing:
             spec = self.resolved.one("prompter")
-            written = self.instance(spec).write(missing, self.domain)
+            written = self._call(spec, "write", missing, self.domain)
             for item, prompt in zip(missing, written, strict=True):
                 if isinstance(prompt, ItemFailed):
                     failed[item.index] = prompt
@@ -534,15 +544,21 @@ class Engine:
                 target=self._feed, args=(queues[0],), daemon=True, name="chatroom-feed"
             )
         ]
+        self.executor.start()
         for number, (name, fn, batch) in enumerate(stages):
-            threads.append(
-                threading.Thread(
-                    target=self._worker,
-                    args=(name, fn, batch, queues[number], queues[number + 1]),
-                    daemon=True,
-                    name=f"chatroom-{name}",
+            # One thread a batch the executor can run at once (one a Ray actor).
+            workers = self.executor.parallel(name)
+            left = [workers]
+            for n in range(workers):
+                threads.append(
+                    threading.Thread(
+                        target=self._worker,
+                        args=(name, fn, batch, queues[number], queues[number + 1]),
+                        kwargs={"left": left},
+                        daemon=True,
+                        name=f"chatroom-{name}-{n}",
+                    )
                 )
-            )
         for thread in threads:
             thread.start()
         try:
@@ -620,8 +636,15 @@ class Engine:
         self._put(out, STOP)
 
     def _worker(
-        self, name: str, fn, batch_size: int, inq: queue.Queue, outq: queue.Queue
+        self,
+        name: str,
+        fn,
+        batch_size: int,
+        inq: queue.Queue,
+        outq: queue.Queue,
+        left: list[int] | None = None,
     ) -> None:
+        """Run one stage on batches from ``inq``; ``left`` counts its threads."""
         finished = False
         while not finished:
             first = self._get(inq)
@@ -651,11 +674,17 @@ class Engine:
                     )
                     for work in live:
                         work.decide("failed", name, "", f"{type(exc).__name__}: {exc}")
-            self.progress.done[name] += len(batch)
+            with self._cond:
+                self.progress.done[name] += len(batch)
             for work in batch:
                 if not self._put(outq, work):
                     return
-        self._put(outq, STOP)
+        # The stage's last thread passes STOP on; the others hand it to a sibling.
+        with self._cond:
+            left = left or [1]
+            left[0] -= 1
+            last = left[0] == 0
+        self._put(outq if last else inq, STOP)
 
     def _stage_prompt(self, batch: list[Work]) -> None:
         specs = self._prompt_all([w.index for w in batch])
@@ -669,9 +698,11 @@ class Engine:
             del self.prompts[work.index]  # each index is issued once: keep memory flat
 
     def _stage_generate(self, batch: list[Work]) -> None:
-        generator = self.instance(self.resolved.one("generator"))
-        candidates = generator.generate(
-            [w.spec for w in batch], [w.plan.seed for w in batch]
+        candidates = self._call(
+            self.resolved.one("generator"),
+            "generate",
+            [w.spec for w in batch],
+            [w.plan.seed for w in batch],
         )
         for work, candidate in zip(batch, candidates, strict=True):
             if isinstance(candidate, ItemFailed):
@@ -686,7 +717,7 @@ class Engine:
             live = [w for w in batch if not w.outcome]
             if not live:
                 return
-            verdicts = self.instance(spec).check([w.candidate for w in live])
+            verdicts = self._call(spec, "check", [w.candidate for w in live])
             for work, verdict in zip(live, verdicts, strict=True):
                 verdict.filter = spec.key
                 verdict.observed = spec.observe
@@ -701,8 +732,11 @@ class Engine:
             live = [w for w in batch if not w.outcome]
             if not live:
                 return
-            notes = self.instance(spec).annotate(
-                [w.candidate for w in live], [w.verdicts for w in live]
+            notes = self._call(
+                spec,
+                "annotate",
+                [w.candidate for w in live],
+                [w.verdicts for w in live],
             )
             for work, note in zip(live, notes, strict=True):
                 note.annotator = spec.key

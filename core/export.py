@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from . import __version__, store
@@ -122,6 +122,13 @@ def _export(run_dir, format, dest, shard_size, shards) -> ExportResult:
         info = _finished_run(run_dir)
         dest = _destination(run_dir, dest, format)
         samples, skipped = _collect(run_dir)
+        if not samples:
+            why = (
+                f" ({len(skipped)} skipped, first: {skipped[0]['reason']})"
+                if skipped
+                else ""
+            )
+            raise InputError(f"{run_dir}: the run has no records to export{why}")
         extra = shards.prepare(samples)
 
         # From here on the folder changes: no manifest until the shards are whole.
@@ -332,7 +339,22 @@ def _sample(run_dir: Path, row, index: int) -> tuple[Sample | None, str]:
         if pose is None:
             return None, reason
     key = _UNSAFE.sub("_", item_id)
-    return Sample(row, index, key, image, masks, pose), ""
+    return Sample(_portable(row), index, key, image, masks, pose), ""
+
+
+def _portable(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as shards carry it: references by file name, not by local directory."""
+    sources = row.get("reference_sources")
+    if not isinstance(sources, list):
+        return row
+    row = dict(row)
+    row["reference_sources"] = [
+        {**s, "path": PurePath(str(s["path"])).name}
+        if isinstance(s, dict) and s.get("path")
+        else s
+        for s in sources
+    ]
+    return row
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> tuple[str, int]:

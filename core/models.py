@@ -26,6 +26,8 @@ class BankEntry(BaseModel):
     value: str
     reference: str
     question: str | None = None
+    # The extractor that answered, when a run mixes them (a fallback answered some).
+    extractor: str = ""
 
 
 class AttributeBank(BaseModel):

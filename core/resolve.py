@@ -17,7 +17,7 @@ from .manager import Plugins
 
 log = logging.getLogger(__name__)
 
-GENERIC_KEYS = ("use", "mode", "enabled")
+GENERIC_KEYS = ("use", "mode", "enabled", "domains")
 PACK_LAYERS = ("domain:", "profile")
 MODES = ("enforce", "observe")
 SECTION_STAGE = {
@@ -125,7 +125,7 @@ def resolve(request: Request, plugins: Plugins) -> Resolved:
     sources: dict[str, str] = {}
 
     top = settings.model_dump(exclude=set(SECTION_STAGE))
-    for key, value in top.items():
+    for key, value in cfg.flatten(top).items():  # ray.pool, ray.gpus...
         flat[key] = value
         sources[key] = layers.sources.get(key, "default")
 
@@ -137,7 +137,7 @@ def resolve(request: Request, plugins: Plugins) -> Resolved:
         specs = []
         for key, body in entries:
             prefix = section if key == section else f"{section}.{key}"
-            spec = _component(stage, key, prefix, body, plugins, layers)
+            spec = _component(stage, key, prefix, body, plugins, layers, domain.name)
             if spec is None:
                 continue
             specs.append(spec)
@@ -158,7 +158,13 @@ def resolve(request: Request, plugins: Plugins) -> Resolved:
 
 
 def _component(
-    stage: str, key: str, prefix: str, body: Any, plugins: Plugins, layers: cfg.Layered
+    stage: str,
+    key: str,
+    prefix: str,
+    body: Any,
+    plugins: Plugins,
+    layers: cfg.Layered,
+    domain: str,
 ) -> ComponentSpec | None:
     if not isinstance(body, dict):
         raise ConfigError(f"{prefix}: expected a table of options, got {body!r}")
@@ -167,6 +173,18 @@ def _component(
         raise ConfigError(f"{prefix}.enabled = {enabled!r}: expected true or false")
     if enabled is False:
         return None
+    domains = body.get("domains")
+    if domains is not None:
+        if not isinstance(domains, list) or not all(
+            isinstance(d, str) for d in domains
+        ):
+            raise ConfigError(
+                f"{prefix}.domains = {domains!r}: expected a list of domain names"
+            )
+        if stage not in ("filter", "annotator"):
+            raise ConfigError(f"{prefix}.domains: only filters and annotators take it")
+        if domain not in domains:
+            return None
     name = body.get("use") or (key if stage in ("filter", "annotator") else "")
     if not name:
         raise ConfigError(

@@ -16,6 +16,16 @@
   architecture) in Real-ESRGAN's key layout, with few blocks and filters;
 - ``blip2/``: a BLIP-2 (OPT) model and processor, saved so that
   ``Blip2ForConditionalGeneration`` and ``Blip2Processor`` load it;
+- ``clip/``: a CLIP model and processor (``CLIPModel``/``CLIPProcessor``), with a
+  LAION-style NSFW head for it in ``clip_nsfw/head.safetensors``;
+- ``nima/nima-smoke.safetensors``: a NIMA network (pyiqa's layout) on timm's tiny
+  test EfficientNet;
+- ``depth/``: a Depth Anything model and processor (``AutoModelForDepthEstimation``,
+  ``AutoImageProcessor``) with a tiny DINOv2 backbone;
+- ``openpose/body_pose_model.pth``: OpenPose's body model at full size (about
+  200 MB; its architecture is fixed), which controlnet_aux's ``Body`` loads;
+- ``graphonomy/inference.pth``: Graphonomy's CIHP network at full size (about
+  170 MB), in the published checkpoint's key layout;
 - ``smoke.toml``: a run config that points every local backend at those files.
 
 The weights are random (seeded, so the files are the same on every write): the models
@@ -78,6 +88,16 @@ def write_smoke_models(directory: str | Path) -> Path:
     write_blip2(directory / "blip2")
     torch.manual_seed(SEED)
     write_sdxl(directory / "sdxl")
+    torch.manual_seed(SEED)
+    write_clip_and_nima(directory)
+    torch.manual_seed(SEED)
+    from chatroom.plugins.control_maps import write_tiny_depth_model
+
+    write_tiny_depth_model(directory / "depth")
+    from chatroom.plugins import graphonomy, openpose
+
+    openpose.write_smoke_checkpoint(directory / "openpose", SEED)
+    graphonomy.write_smoke_checkpoint(directory / "graphonomy", SEED)
     write_config(directory)
     log.info(
         "wrote smoke models to %s in %.1f s", directory, time.perf_counter() - started
@@ -598,6 +618,20 @@ def write_blip2(directory: Path) -> Path:
     return directory
 
 
+# --- CLIP, the NSFW head, NIMA ------------------------------------------------------
+
+
+def write_clip_and_nima(directory: Path) -> None:
+    """``clip/``, ``clip_nsfw/head.safetensors`` and ``nima/nima-smoke.safetensors``."""
+    from chatroom.plugins.clip_nsfw import SMOKE_HEAD_FILE, write_smoke_clip
+    from chatroom.plugins.clip_nsfw import write_smoke_head as write_head
+    from chatroom.plugins.quality import write_smoke_nima
+
+    write_smoke_clip(directory / "clip")
+    write_head(directory / "clip_nsfw" / SMOKE_HEAD_FILE, input_size=32)
+    write_smoke_nima(directory / "nima")
+
+
 # --- the run config --------------------------------------------------------------
 
 
@@ -606,6 +640,8 @@ def write_config(directory: Path) -> Path:
     sd15 = (directory / "sd15").as_posix()
     esrgan = (directory / "esrgan" / ESRGAN_FILE).as_posix()
     blip2 = (directory / "blip2").as_posix()
+    clip = (directory / "clip").as_posix()
+    nima = (directory / "nima" / "nima-smoke.safetensors").as_posix()
     text = f"""\
 # A smoke run: every local backend uses the tiny random-weight models beside this
 # file (written by chatroom.smoke.write_smoke_models). The images are noise and the
@@ -641,12 +677,62 @@ scale = 2.0
 steps = 2
 denoise = 0.5
 
+# Random weights judge nothing: the NSFW and quality filters only observe (on, as
+# the fashion pack's paper profile declares them off until given weights).
+[filters.clip_nsfw]
+use = "clip_nsfw"
+enabled = true
+model = "{clip}"
+head = "{directory.as_posix()}/clip_nsfw/head.safetensors"
+mode = "observe"
+
+[filters.quality]
+use = "quality"
+enabled = true
+metric = "nima"
+weights = "{nima}"
+mode = "observe"
+
 [annotators.captions]
 use = "blip2_captions"
 model = "{blip2}"
 mode = "observe"
 max_new_tokens = 12
 device = "cpu"
+
+# The furniture and architecture packs' content filters judge noise: they observe.
+# `domains` keeps each to the packs it belongs to. Their depth maps: a tiny model.
+[filters.single_object]
+domains = ["furniture"]
+mode = "observe"
+
+[filters.no_people]
+domains = ["architecture"]
+mode = "observe"
+
+[annotators.depth_map]
+domains = ["furniture", "architecture"]
+model = "{directory.as_posix()}/depth"
+device = "cpu"
+
+# The paper's OpenPose and Graphonomy at full size with random weights: OpenPose
+# finds nobody and the parts are noise, so both observe (the masks are still saved).
+[filters.openpose]
+use = "openpose"
+domains = ["fashion"]
+enabled = true
+checkpoint = "{directory.as_posix()}/openpose"
+mode = "observe"
+device = "cpu"
+
+[annotators.graphonomy]
+use = "graphonomy"
+domains = ["fashion"]
+enabled = true
+checkpoint = "{directory.as_posix()}/graphonomy"
+mode = "observe"
+device = "cpu"
+flip = false  # halves the full-size network's time on the CPU
 """
     path = directory / "smoke.toml"
     path.write_text(text, encoding="utf-8")

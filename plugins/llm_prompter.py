@@ -589,15 +589,20 @@ class LLMPrompter(Prompter):
     def user_message(self, keys, avoid, domain) -> str:
         rows = []
         for key, item in keys.items():
-            row: dict[str, Any] = {
-                "item": key,
-                "attributes": {e.attribute: e.value for e in item.entries},
-            }
+            row: dict[str, Any] = {"item": key}
+            if item.entries:
+                row["attributes"] = {e.attribute: e.value for e in item.entries}
             if item.index in avoid:
                 row["too_close_to"] = avoid[item.index]
             rows.append(row)
+        free = ""
+        if not any("attributes" in row for row in rows):  # extraction is off
+            free = (
+                f" No attributes are given: choose the {domain.subject}'s look "
+                "yourself, and vary it from item to item."
+            )
         text = (
-            f"Write one {domain.word} prompt for each item. An item with "
+            f"Write one {domain.word} prompt for each item.{free} An item with "
             '"too_close_to" needs a clearly different prompt from that one.\n'
             f"```json\n{json.dumps(rows, ensure_ascii=False, indent=1)}\n```"
         )

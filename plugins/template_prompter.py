@@ -3,7 +3,9 @@
 Each attribute of the plan becomes a dynamicprompts variable (``${garment}``), the
 pack's wildcard lists (``__light__``) and variants (``{a|b}``) add variety, and the
 item's seed makes the choice reproducible. Every prompt names the bank entries it
-was built from.
+was built from. An item without entries (attribute extraction turned off) takes each
+attribute from the pack's wildcard file of the same name (``garment.txt``) where
+there is one; the other attribute slots are dropped.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class TemplatePrompter(Prompter):
         out = []
         for item in items:
             values = dict.fromkeys(names, EMPTY)
+            if not item.entries:  # no bank (extraction off): the pack's wildcards
+                values.update(self._wildcard_values(names, domain))
             for entry in item.entries:
                 value = clean_value(entry.value, self.options.max_value_words)
                 values[entry.attribute] = value or EMPTY
@@ -103,6 +107,12 @@ class TemplatePrompter(Prompter):
                 )
             )
         return out
+
+    @staticmethod
+    def _wildcard_values(names: set[str], domain) -> dict[str, str]:
+        """``__garment__`` for each attribute with a wildcard file of its own."""
+        folder = domain.wildcards_dir
+        return {n: f"__{n}__" for n in names if (folder / f"{n}.txt").is_file()}
 
 
 @hookimpl

@@ -121,6 +121,23 @@ def test_parquet_shards_read_back_with_pyarrow(run7, tmp_path):
             assert got["keypoints"] == row["keypoints"] == [[10.0, 20.0, 0.9]]
     assert sum(1 for row in rows if row["masks"]) == 4
 
+    # Shards are for sharing: references by file name, never by a local directory.
+    for got, row in zip(table.to_pylist(), rows, strict=True):
+        local = [s["path"] for s in row["reference_sources"]]
+        assert all("/" in path for path in local)
+        assert [s["path"] for s in got["reference_sources"]] == [
+            path.rsplit("/", 1)[-1] for path in local
+        ]
+
+
+def test_a_run_without_records_is_not_exported(run7, tmp_path):
+    for row in metadata(run7):
+        (run7 / row["file_name"]).unlink()
+
+    with pytest.raises(InputError, match="no records to export .*image missing"):
+        export.export_parquet(run7, tmp_path / "pq")
+    assert not (tmp_path / "pq").exists()
+
 
 def test_webdataset_shards_read_back_with_webdataset(run7, tmp_path):
     import webdataset
@@ -134,7 +151,7 @@ def test_webdataset_shards_read_back_with_webdataset(run7, tmp_path):
     assert len(samples) == COUNT
     assert [s["__key__"] for s in samples] == [r["item_id"] for r in rows]
     for sample, row in zip(samples, rows, strict=True):
-        assert sample["json"] == row  # the whole row, every key
+        assert sample["json"] == export._portable(row)  # the whole row, every key
         assert sample["png"].size == (WIDTH, HEIGHT)
         masks = sorted(k for k in sample if k.startswith("mask."))
         assert masks == [f"mask.{part}.png" for part in sorted(row["masks"])]

@@ -105,7 +105,15 @@ def test_main_job_writes_an_imagefolder_dataset(smoke, fashion_refs, tmp_path):
 
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "complete"
-    assert info["observe"]["components"] == ["annotator:captions"]
+    # Random weights judge nothing: every content-judging component only observes,
+    # and the other packs' filters (scoped by `domains`) stay out of a fashion run.
+    assert sorted(info["observe"]["components"]) == [
+        "annotator:captions",
+        "annotator:graphonomy",
+        "filter:clip_nsfw",
+        "filter:openpose",
+        "filter:quality",
+    ]
     assert info["settings"]["generator.cfg_scale"]["value"] == 4.0
     assert info["components"]["generator:generator"]["diffusers"]
 
@@ -260,6 +268,7 @@ def test_doctor_without_a_config_says_what_to_provide():
 @pytest.mark.parametrize("domain", ["furniture", "architecture"])
 def test_other_domains_run_on_their_photos(smoke, tmp_path, domain):
     from conftest import REFERENCES
+    from PIL import Image
 
     from chatroom.domain import load_pack
 
@@ -288,3 +297,18 @@ def test_other_domains_run_on_their_photos(smoke, tmp_path, domain):
         assert record["negative_prompt"] == pack.negative_prompt
         for reference in record["references"]:
             assert any((REFERENCES / domain).glob(f"{reference}*")), reference
+
+    # the pack's own filters observe the noise; its maps and masks are in every record
+    checks = {"furniture": "single_object", "architecture": "no_people"}[domain]
+    maps = {"furniture": {"object", "depth"}, "architecture": {"edges", "depth"}}
+    for record in records:
+        assert any(v["filter"] == checks and v["observed"] for v in record["verdicts"])
+        assert maps[domain] <= set(record["masks"])
+        for name in maps[domain]:
+            with Image.open(out / record["masks"][name]) as mask:
+                assert mask.size == (128, 192) and mask.mode == "L"
+
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert ds.num_rows == 2 and "masks" in ds.column_names

@@ -29,6 +29,16 @@ BUILT_INS = {
     "pose": "chatroom.plugins.pose",
     "nudenet": "chatroom.plugins.nudenet_filter",
     "person_mask": "chatroom.plugins.person_mask",
+    "openpose": "chatroom.plugins.openpose",
+    "graphonomy": "chatroom.plugins.graphonomy",
+    "clip_nsfw": "chatroom.plugins.clip_nsfw",
+    "quality": "chatroom.plugins.quality",
+    "near_duplicates": "chatroom.plugins.near_duplicates",
+    "mask_check": "chatroom.plugins.mask_check",
+    "object_checks": "chatroom.plugins.object_checks",
+    "scene_checks": "chatroom.plugins.scene_checks",
+    "control_maps": "chatroom.plugins.control_maps",
+    "vision": "chatroom.plugins.vision_extractor",
     **{domain: f"chatroom.domains.{domain}" for domain in DOMAINS},
 }
 PRINT_PACKS = "from chatroom.manager import Plugins; print(*Plugins().domains.values())"

@@ -105,7 +105,13 @@ def test_answer_measures_the_shares(blank_run):
     assert questions["pattern"]["generated"] == 1.0
     assert questions["pattern"]["references"] == 0.0  # references are JPEGs
     assert questions["accessory"]["generated"] == 0.0
-    assert len(asked) == 3 * (5 + 3)
+    # Table 1 asks equal samples: three references, so three of the five records
+    assert len(asked) == 3 * (3 + 3)
+    rows = summary["statistics"]["table"]["rows"]
+    assert [(r["kind"], r["images"], r["available"]) for r in rows] == [
+        ("reference", 3, 3),
+        ("generated", 3, 5),
+    ]
 
 
 def test_large_runs_are_paged(blank_run):
@@ -162,7 +168,9 @@ def test_browser_renders_every_section(blank_run, tmp_path):
     summary = json.loads((index.parent / "summary.json").read_text())
     assert summary["map"]["available"] and len(summary["map"]["points"]) == 3 + 5
     assert summary["quality"]["available"]
-    assert summary["quality"]["scores"]["reference"]  # brisque works on this numpy
+    reference = summary["quality"]["rows"][0]
+    assert reference["kind"] == "reference"
+    assert reference["scores"]["brisque"]  # brisque works on this numpy
 
     def browse(*args):
         profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,8 @@ pytest.importorskip("transformers")
 from chatroom.components import validate_options  # noqa: E402
 from chatroom.plugins.blip2 import Blip2Captions, Blip2Extractor  # noqa: E402
 from chatroom.plugins.diffusers_generator import DiffusersGenerator  # noqa: E402
+from chatroom.resolve import GENERIC_KEYS  # noqa: E402
 from chatroom.smoke import write_smoke_models  # noqa: E402
-
-GENERIC_KEYS = ("use", "mode", "enabled")
 
 
 def _digests(root):
@@ -45,19 +45,38 @@ def test_writes_small_model_folders(smoke_dir):
         "blip2/config.json",
         "blip2/model.safetensors",
         "blip2/processor_config.json",
+        "clip/model.safetensors",
+        "clip/processor_config.json",
+        "clip_nsfw/head.safetensors",
+        "nima/nima-smoke.safetensors",
+        "openpose/body_pose_model.pth",
+        "graphonomy/inference.pth",
         "smoke.toml",
     ):
         assert (smoke_dir / name).is_file(), name
-    total = sum(p.stat().st_size for p in smoke_dir.rglob("*") if p.is_file())
+    # OpenPose's and Graphonomy's architectures are fixed: those two are full size
+    full_size = {"openpose": 210e6, "graphonomy": 170e6}
+    total = sum(
+        p.stat().st_size
+        for p in smoke_dir.rglob("*")
+        if p.is_file() and p.relative_to(smoke_dir).parts[0] not in full_size
+    )
     assert total < 30 * 1024 * 1024
+    for folder, limit in full_size.items():
+        assert sum(p.stat().st_size for p in (smoke_dir / folder).iterdir()) < limit
 
 
 def test_weights_are_deterministic(smoke_dir, tmp_path):
     again = write_smoke_models(tmp_path / "again")
     assert _digests(again) == _digests(smoke_dir)
     # SD 1.5: unet, vae, text encoder, the single file; esrgan; blip2;
-    # SDXL: unet, vae, two text encoders
-    assert len(_digests(again)) == 10
+    # SDXL: unet, vae, two text encoders; CLIP, its NSFW head, NIMA; depth
+    assert len(_digests(again)) == 10 + 3 + 1
+    for checkpoint in ("openpose/body_pose_model.pth", "graphonomy/inference.pth"):
+        digest = hashlib.sha256((again / checkpoint).read_bytes()).hexdigest()
+        assert (
+            digest == hashlib.sha256((smoke_dir / checkpoint).read_bytes()).hexdigest()
+        )
 
 
 def test_sd15_loads_with_diffusers(smoke_dir):
@@ -197,3 +216,48 @@ def test_esrgan_loads_with_spandrel_as_realesrgan(smoke_dir):
     assert model.architecture.name == "ESRGAN" and model.scale == 4
     out = model(torch.rand(1, 3, 12, 8))
     assert tuple(out.shape) == (1, 3, 48, 32)
+
+
+def test_clip_and_nima_load_like_real_ones(smoke_dir):
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    from chatroom.plugins.clip_nsfw import ClipNsfwFilter
+    from chatroom.plugins.quality import QualityFilter, score_images
+
+    clip = smoke_dir / "clip"
+    model = CLIPModel.from_pretrained(str(clip), local_files_only=True)
+    processor = CLIPProcessor.from_pretrained(str(clip), local_files_only=True)
+    inputs = processor(
+        text=["a red dress"], images=[Image.new("RGB", (48, 64))], return_tensors="pt"
+    )
+    out = model(**inputs)
+    assert tuple(out.image_embeds.shape) == (1, model.config.projection_dim)
+
+    config = tomllib.loads((smoke_dir / "smoke.toml").read_text(encoding="utf-8"))
+    for component, key in ((ClipNsfwFilter, "clip_nsfw"), (QualityFilter, "quality")):
+        raw = config["filters"][key]
+        assert raw["mode"] == "observe"  # random weights judge nothing
+        options = {k: v for k, v in raw.items() if k not in GENERIC_KEYS}
+        validate_options(component, component.stage, options)
+
+    nima = config["filters"]["quality"]["weights"]
+    [score] = score_images([Image.new("RGB", (64, 96), "grey")], "nima", nima)
+    assert 1 <= score <= 10
+
+
+def test_openpose_and_graphonomy_sections_point_at_their_checkpoints(smoke_dir):
+    from chatroom.plugins.graphonomy import GraphonomyAnnotator
+    from chatroom.plugins.openpose import OpenPoseFilter
+
+    config = tomllib.loads((smoke_dir / "smoke.toml").read_text(encoding="utf-8"))
+    sections = (
+        (OpenPoseFilter, config["filters"]["openpose"], "body_pose_model.pth"),
+        (GraphonomyAnnotator, config["annotators"]["graphonomy"], "inference.pth"),
+    )
+    for component, raw, file in sections:
+        # random weights find nobody and parse noise: both only observe
+        assert raw["mode"] == "observe" and raw["enabled"] is True
+        options = {k: v for k, v in raw.items() if k not in GENERIC_KEYS}
+        validated = validate_options(component, component.stage, options)
+        assert (Path(validated.checkpoint) / file).is_file()

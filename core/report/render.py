@@ -83,6 +83,9 @@ def table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
 
 
+table_html = table
+
+
 # ---------------------------------------------------------------- sections
 
 
@@ -244,16 +247,55 @@ def statistics_section(data: dict[str, Any]) -> str:
             "statistics",
         )
     method = (
-        "Answered image by image by the configured answer()."
+        f"Answered image by image by {data['method']}."
         if data["measured"]
-        else "No vision-language model answered the questions: shares are not measured."
+        else "No vision-language model answered the questions (pass --vlm): shares "
+        "are not measured."
     )
     return (
         '<section id="statistics"><h2>Attribute statistics</h2>'
+        f"{attribute_table(data.get('table'), data['questions'])}"
         f'{body}<p class="note">{esc(method)} <span class="proxy">Proxy columns '
         "(offline, not the paper's measure): the share of references and records "
         "whose attribute values mention the statistic's keyword.</span></p></section>"
     )
+
+
+def answer_cell(counts: dict[str, int]) -> str:
+    """A share of "yes" among the clear answers, with the counts behind it."""
+    clear = counts["yes"] + counts["no"]
+    unclear = counts["unclear"]
+    if not clear and not unclear:
+        return "–"
+    if not clear:
+        return f'<span class="note">unanswered ({unclear} unclear)</span>'
+    tail = f"; {unclear} unclear" if unclear else ""
+    return (
+        f"{share(counts['share'])} "
+        f'<span class="note">({counts["yes"]} of {clear}{tail})</span>'
+    )
+
+
+def attribute_table(table: dict[str, Any] | None, questions: list[dict]) -> str:
+    """The paper's Table 1: one row per image set, one column per question."""
+    if not table:
+        return ""
+    names = [q["name"] for q in questions]
+    rows = [
+        [esc(row["label"]), f"{row['images']} of {row['available']}"]
+        + [answer_cell(row["answers"][name]) for name in names]
+        for row in table["rows"]
+    ]
+    return (
+        f"{table_html(['images', 'sample', *names], rows, 'table1')}"
+        f'<p class="note">Share of "yes" among the clear answers, each image set '
+        f"cut to the same seeded random sample of {table['sample']} images "
+        f"(seed {esc(table['seed'])}). Answers that are neither yes nor no "
+        "count as unclear.</p>"
+    )
+
+
+COLOURS = ["#e07b00", "#4a7fb5", "#2a9d4f", "#8e44ad", "#c0504d", "#555555"]
 
 
 def map_section(data: dict[str, Any]) -> str:
@@ -263,27 +305,34 @@ def map_section(data: dict[str, Any]) -> str:
             f'<p class="note">{esc(data.get("note", "not available"))}</p></section>'
         )
     width, height, pad = 560, 400, 20
-    xs = [p["x"] for p in data["points"]]
-    ys = [p["y"] for p in data["points"]]
+    groups = data.get("groups") or [
+        {"kind": kind, "label": kind}
+        for kind in dict.fromkeys(p["kind"] for p in data["points"])
+    ]
+    colour = {g["kind"]: COLOURS[i % len(COLOURS)] for i, g in enumerate(groups)}
+    xs = [p["x"] for p in data["points"]] or [0.0]
+    ys = [p["y"] for p in data["points"]] or [0.0]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     sx = (width - 2 * pad) / ((x1 - x0) or 1)
     sy = (height - 2 * pad) / ((y1 - y0) or 1)
     dots = []
     for p in data["points"]:
-        colour = "#e07b00" if p["kind"] == "reference" else "#4a7fb5"
-        radius = 5 if p["kind"] == "reference" else 3
+        radius = 5 if p["kind"] == groups[0]["kind"] else 3
         x = pad + (p["x"] - x0) * sx
         y = height - pad - (p["y"] - y0) * sy
+        text = f": {p['text'][:300]}" if p.get("text") else ""
         dots.append(
             f'<circle class="{esc(p["kind"])}" cx="{x:.1f}" cy="{y:.1f}" r="{radius}" '
-            f'fill="{colour}" fill-opacity="0.75"><title>{esc(p["label"])}: '
-            f"{esc(p['text'][:300])}</title></circle>"
+            f'fill="{colour.get(p["kind"], "#999")}" fill-opacity="0.75">'
+            f"<title>{esc(p['label'])}{esc(text)}</title></circle>"
         )
     title = f"{data['method']} of {data['features']}"
+    legend = " ".join(
+        f'<span style="color:{colour[g["kind"]]}">● {esc(g["label"])}</span>'
+        for g in groups
+    )
     return (
-        f'<section id="map"><h2>Embedding map</h2><p>{esc(title)}. '
-        '<span style="color:#e07b00">● references</span> (attribute values) '
-        '<span style="color:#4a7fb5">● generated</span> (captions, else prompts)</p>'
+        f'<section id="map"><h2>Embedding map</h2><p>{esc(title)}. {legend}</p>'
         f'<svg class="scatter" width="{width}" height="{height}" role="img" '
         f'aria-label="{esc(title)}" style="border:1px solid #eee">{"".join(dots)}'
         f'</svg><p class="note">{esc(data.get("note", ""))}</p></section>'
@@ -296,30 +345,47 @@ def quality_section(data: dict[str, Any]) -> str:
             '<section id="quality"><h2>Quality</h2>'
             f'<p class="note">{esc(data.get("note", "not available"))}</p></section>'
         )
-    charts, rows = [], []
-    everything = [v for values in data["scores"].values() for v in values]
-    for kind, values in data["scores"].items():
-        rows.append([esc(kind), str(len(values)), fmt(data["mean"][kind])])
-        if values and everything:
-            from .stats import _counts
+    from .stats import _counts
 
-            low, high = min(everything), max(everything)
-            charts.append(
-                histogram_svg(
-                    f"BRISQUE: {kind}",
-                    {
-                        "bins": 20,
-                        "low": low,
-                        "high": high,
-                        "accepted": _counts(values, low, high, 20),
-                        "rejected": [0] * 20,
-                    },
+    metrics = data["metrics"]
+    shown = [name for name, m in metrics.items() if m.get("available")]
+    headers = ["images"]
+    for name in shown:
+        headers += [f"{name}: scored", f"{name}: mean"]
+    rows = []
+    for row in data["rows"]:
+        cells = [esc(row["label"])]
+        for name in shown:
+            cells += [str(len(row["scores"][name])), fmt(row["mean"][name])]
+        rows.append(cells)
+    charts = []
+    for name in shown:
+        everything = [v for row in data["rows"] for v in row["scores"][name]]
+        if not everything:
+            continue
+        low, high = min(everything), max(everything)
+        for row in data["rows"]:
+            if row["scores"][name]:
+                counts = _counts(row["scores"][name], low, high, 20)
+                charts.append(
+                    histogram_svg(
+                        f"{name}: {row['label']}",
+                        {
+                            "bins": 20,
+                            "low": low,
+                            "high": high,
+                            "accepted": counts,
+                            "rejected": [0] * 20,
+                        },
+                    )
                 )
-            )
+    described = "; ".join(
+        m["name"] if m.get("available") else m.get("note", "") for m in metrics.values()
+    )
     return (
-        f'<section id="quality"><h2>Quality</h2><p>{esc(data["metric"])}. '
+        f'<section id="quality"><h2>Quality</h2><p>{esc(described)}. '
         f"{esc(data.get('note', ''))}</p>"
-        f"{table(['images', 'scored', 'mean'], rows)}"
+        f"{table(headers, rows, 'quality')}"
         f'<div class="hists">{"".join(charts)}</div></section>'
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,8 @@ from .load import RunData
 
 log = logging.getLogger(__name__)
 
-# answer(image_path, question) -> True for "yes"; a VLM behind it in real use
-Answer = Callable[[Path, str], bool]
+# answer(image_path, question) -> True yes, False no, None unclear; a VLM in real use
+Answer = Callable[[Path, str], bool | None]
 
 
 def overview(run: RunData) -> dict[str, Any]:
@@ -138,20 +139,14 @@ def _keyword_share(texts: list[str], keyword: str) -> float | None:
     return sum(keyword in text for text in texts) / len(texts)
 
 
-def statistics(
-    run: RunData, questions: list[dict[str, str]], answer: Answer | None = None
-) -> dict[str, Any]:
-    """Share of "yes" per statistics question, in references and in records.
+def statistics(run: RunData, questions: list[dict[str, str]]) -> dict[str, Any]:
+    """The statistics questions with an offline proxy for each.
 
-    With ``answer`` (a VLM, say) each image is asked each question. Without it the
-    shares are "not measured", and an offline proxy is given instead: the share of
-    records (and of references, from the attribute bank) whose attribute values
-    mention the statistic's keyword.
+    The measured shares come from ``attribute_table`` (a VLM or an answer function
+    looks at the images) and are filled in by ``measured``; until then they are
+    "not measured". The proxy is the share of records (and of references, from the
+    attribute bank) whose attribute values mention the statistic's keyword.
     """
-    reference_paths = [Path(ref["path"]) for ref in run.references if ref.get("path")]
-    record_paths = [run.out / row["file_name"] for row in run.records]
-
-    # offline proxy: attribute text per record and per reference
     record_texts = [
         " ".join(str(v) for v in (row.get("attributes") or {}).values()).lower()
         for row in run.records
@@ -165,36 +160,83 @@ def statistics(
     for question in questions:
         name, text = question["name"], question["question"]
         keyword = name.replace("_", " ").lower()
-        row: dict[str, Any] = {
-            "name": name,
-            "question": text,
-            "keyword": keyword,
-            "measured": answer is not None,
-            "references": None,
-            "generated": None,
-            "proxy_references": _keyword_share(reference_texts, keyword),
-            "proxy_generated": _keyword_share(record_texts, keyword),
-        }
-        if answer is not None:
-            row["references"] = _ask(answer, reference_paths, text)
-            row["generated"] = _ask(answer, record_paths, text)
-        rows.append(row)
+        rows.append(
+            {
+                "name": name,
+                "question": text,
+                "keyword": keyword,
+                "measured": False,
+                "references": None,
+                "generated": None,
+                "proxy_references": _keyword_share(reference_texts, keyword),
+                "proxy_generated": _keyword_share(record_texts, keyword),
+            }
+        )
     return {
-        "measured": answer is not None,
-        "method": "answer()" if answer is not None else "not measured",
+        "measured": False,
+        "method": "not measured",
         "proxy": "share whose attribute values mention the keyword",
         "questions": rows,
     }
 
 
-def _ask(answer: Answer, paths: list[Path], question: str) -> float | None:
-    answered = []
-    for path in paths:
-        try:
-            answered.append(bool(answer(path, question)))
-        except Exception as exc:  # one bad image must not sink the table
-            log.warning("%s: no answer to %r: %s", path, question, exc)
-    return sum(answered) / len(answered) if answered else None
+# ask(image_paths, question) -> one answer each: True yes, False no, None unclear
+Ask = Callable[[list[Path], str], list[bool | None]]
+
+
+def attribute_table(
+    sources: list[dict[str, Any]],
+    questions: list[dict[str, str]],
+    ask: Ask,
+    sample: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The paper's Table 1: the share of "yes" per question, one row per source.
+
+    Each source (``label``, ``paths`` and anything else worth keeping) is cut to a
+    seeded random sample of the same size: the smallest non-empty source, at most
+    ``sample``. A share counts the clear answers only; the unclear ones are counted
+    beside it.
+    """
+    sizes = [len(s["paths"]) for s in sources if s["paths"]]
+    size = min([*sizes, sample]) if sizes else 0
+    rows = []
+    for source in sources:
+        paths = sorted(source["paths"])
+        if len(paths) > size:
+            paths = sorted(random.Random(seed).sample(paths, size))
+        answers = {}
+        for question in questions:
+            got = ask(paths, question["question"]) if paths else []
+            yes = sum(a is True for a in got)
+            no = sum(a is False for a in got)
+            answers[question["name"]] = {
+                "yes": yes,
+                "no": no,
+                "unclear": len(got) - yes - no,
+                "share": yes / (yes + no) if yes + no else None,
+            }
+        row = {k: v for k, v in source.items() if k != "paths"}
+        row.update(images=len(paths), available=len(source["paths"]), answers=answers)
+        rows.append(row)
+    return {"sample": size, "seed": seed, "rows": rows}
+
+
+def measured(statistics: dict[str, Any], table: dict[str, Any], path: str) -> None:
+    """Fill the "references" and "generated" shares of the run at ``path``."""
+    reference = next((r for r in table["rows"] if r["kind"] == "reference"), None)
+    generated = next(
+        (r for r in table["rows"] if r["kind"] == "generated" and r["path"] == path),
+        None,
+    )
+    statistics["measured"] = True
+    for question in statistics["questions"]:
+        name = question["name"]
+        question["measured"] = True
+        if reference is not None:
+            question["references"] = reference["answers"][name]["share"]
+        if generated is not None:
+            question["generated"] = generated["answers"][name]["share"]
 
 
 def differing_settings(a: RunData, b: RunData) -> list[dict[str, Any]]:

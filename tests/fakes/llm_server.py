@@ -18,18 +18,35 @@ prompt for every item), missing (the last item left out), ok (no fault).
 
 A reply longer than the request's ``max_tokens`` (four characters a token) is cut
 and marked as such, as a real model's would be.
+
+It also plays a vision model. A request with an image (an OpenAI ``image_url`` part
+with a base64 data URL, or an Anthropic base64 ``image`` block) must carry a PNG or
+JPEG whose bytes match the declared media type, no larger than ``max_image_bytes``
+and ``max_image_side``; anything else gets the 400 a real service sends. With a
+fenced JSON object of questions ``{"key": "question"}`` in its text, it answers a
+JSON object with the same keys in English, from ``vision_answers(image, questions)``
+(by default read off the picture: its colours, its size); with no questions it
+answers the key-attributes question with ``key_attributes``. ``refuse_image(image)``
+returning true makes it refuse that image with the API's refusal signal. What it
+received and answered is in ``requests[n]["images"]`` and ``["answers"]``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import io
 import json
+import math
 import re
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from PIL import Image
 
 QUALITY = [
     "best quality, ultra high res, (photorealistic:1.4), raw photo",
@@ -48,6 +65,84 @@ SLOTS = [
     ["spring", "summer", "autumn", "winter", "evening", "morning"],
 ]
 FENCE = re.compile(r"```[a-zA-Z]*\s*\n(.*?)```", re.DOTALL)
+
+# The vision side: what a model might say about a photo, per attribute.
+PHRASES = {
+    "garment": [
+        "a denim jacket and jeans",
+        "a floral midi dress",
+        "a white t-shirt and black trousers",
+        "a long camel coat",
+        "a striped shirt and chinos",
+        "a knitted sweater and pleated skirt",
+    ],
+    "pattern": ["plain", "vertical stripes", "small floral print", "checked", "ribbed"],
+    "footwear": [
+        "white sneakers",
+        "black ankle boots",
+        "brown loafers",
+        "strappy sandals",
+        "red heels",
+    ],
+    "accessory": [
+        "a leather handbag",
+        "sunglasses",
+        "a wide-brimmed hat",
+        "a silk scarf",
+        "none",
+    ],
+    "pose": ["standing straight", "walking forward", "hands on hips", "mid-stride"],
+    "background": [
+        "a plain white wall",
+        "a grey studio backdrop",
+        "a city street",
+        "a park path",
+    ],
+    "fabric": ["cotton", "denim", "wool", "linen", "silk"],
+    "fit": ["relaxed fit", "slim fit", "oversized", "tailored"],
+    "silhouette": ["straight", "boxy", "fitted", "flared"],
+}
+GENERIC = ["hard to tell", "simple and clean", "classic", "modern"]
+COLOURS = {
+    "black": (20, 20, 20),
+    "white": (235, 235, 235),
+    "grey": (128, 128, 128),
+    "red": (190, 40, 40),
+    "navy": (30, 40, 90),
+    "blue": (60, 110, 200),
+    "green": (50, 130, 60),
+    "beige": (215, 195, 160),
+    "brown": (120, 80, 50),
+    "pink": (230, 150, 170),
+}
+KEY_ATTRIBUTES = "Garment, color, fabric, fit and silhouette."
+MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
+
+
+def colour_name(image: Image.Image) -> str:
+    """The named colour nearest the mean of the picture's centre."""
+    w, h = image.size
+    centre = image.convert("RGB").crop((w // 3, h // 4, 2 * w // 3, 3 * h // 4))
+    mean = centre.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+
+    def distance(name: str) -> int:
+        return sum((a - b) ** 2 for a, b in zip(COLOURS[name], mean, strict=True))
+
+    return min(COLOURS, key=distance)
+
+
+def describe_photo(image: Image.Image, questions: dict[str, str]) -> dict[str, str]:
+    """Scripted answers for one picture: the same picture gets the same answers."""
+    colour = colour_name(image)
+    out = {}
+    for key in questions:
+        if key in ("color", "colour"):
+            out[key] = colour
+            continue
+        choices = PHRASES.get(key, GENERIC)
+        digest = hashlib.sha256(f"{image.size}:{colour}:{key}".encode()).digest()
+        out[key] = choices[digest[0] % len(choices)]
+    return out
 
 
 def write_prompt(attributes: dict[str, str], salt: str = "") -> str:
@@ -128,6 +223,12 @@ class FakeLLMServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.last_prompt: str | None = None
+        # The vision side.
+        self.max_image_bytes = 5 * 1024 * 1024
+        self.max_image_side = 8000
+        self.vision_answers = describe_photo
+        self.key_attributes = KEY_ATTRIBUTES
+        self.refuse_image = None  # a callable: image -> True to refuse it
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -213,21 +314,25 @@ class _Handler(BaseHTTPRequestHandler):
         authorised = self._authorised(provider)
         fault = fake.next_fault() if authorised else None
         items = _items(body)
+        images, image_problem = _images(body, provider, fake)
+        request = {
+            "provider": provider,
+            "path": self.path,
+            "model": body.get("model"),
+            "items": len(items),
+            "item_keys": [row.get("item") for row in items],
+            "fault": fault,
+            "authorised": authorised,
+            "user_agent": self.headers.get("user-agent", ""),
+            "images": [info for info, _ in images],
+        }
         with fake.lock:
-            fake.requests.append(
-                {
-                    "provider": provider,
-                    "path": self.path,
-                    "model": body.get("model"),
-                    "items": len(items),
-                    "item_keys": [row.get("item") for row in items],
-                    "fault": fault,
-                    "authorised": authorised,
-                    "user_agent": self.headers.get("user-agent", ""),
-                }
-            )
+            fake.requests.append(request)
         if not authorised:
             return self._unauthorised(provider)
+        if image_problem and fault not in ERRORS[provider]:
+            maker = openai_error if provider == "openai" else anthropic_error
+            return self._json(*maker(400, "invalid_request_error", image_problem))
         if fault in ERRORS[provider]:
             status, error = ERRORS[provider][fault]
             headers = {}
@@ -240,6 +345,17 @@ class _Handler(BaseHTTPRequestHandler):
             return self._raw(200, b'{"id": "chatcmpl-broken", "choices": [{"ind')
         if fault == "truncated":
             return self._raw(200, b'{"id": "x", "object": "chat.com', declared=400)
+
+        refusal = None
+        if images:
+            answer, refusal = self._look(images, body, request)
+            if refusal and provider == "anthropic":  # Claude says why, as text
+                answer = refusal
+            if answer and fault == "fenced":
+                answer = f"Here you are:\n```json\n{answer}\n```"
+            elif answer and fault == "prose":
+                answer = f"Sure! {answer} Anything else?"
+            return self._reply(provider, body, answer, fault, refusal, images)
 
         prompts = {}
         for row in items:
@@ -258,18 +374,42 @@ class _Handler(BaseHTTPRequestHandler):
             answer = f"Here are the prompts:\n```json\n{answer}\n```\nEnjoy!"
         elif fault == "prose":
             answer = f"Sure! Here they are: {answer} Let me know if you want more."
+        return self._reply(provider, body, answer, fault, refusal)
 
-        stop = "stop"
+    def _look(self, images, body, request) -> tuple[str, str | None]:
+        """A vision model's answer about the (first) image, or its refusal."""
+        fake = self.fake
+        image = images[0][1]
+        if fake.refuse_image is not None and fake.refuse_image(image):
+            request["answers"] = None
+            return "", "I'm sorry, but I can't help with describing this image."
+        questions = _questions(body)
+        if questions:
+            answers = fake.vision_answers(image, questions)
+            request["answers"] = answers
+            return json.dumps(answers), None
+        request["answers"] = fake.key_attributes
+        return fake.key_attributes, None
+
+    def _reply(self, provider, body, answer, fault, refusal, images=()) -> None:
+        """The 200 reply, after the faults that shape an answer."""
+        fake = self.fake
+        stop = "refusal" if refusal else "stop"
         limit = int(body.get("max_tokens") or 4096)
         if fault == "length" or len(answer) // 4 > limit:
             answer, stop = answer[: min(len(answer) // 2, limit * 4)], "length"
-        refusal = None
         if fault == "refusal":
             answer, refusal, stop = "", "I'm sorry, I can't help with that.", "refusal"
         elif fault == "refusal_text":
             answer = "I'm sorry, but I can't help with that request."
 
-        prompt_tokens = len(json.dumps(body)) // 4
+        # Images cost what Anthropic documents (pixels / 750), not their base64.
+        text = json.dumps(body)
+        for info, _ in images:
+            text = text.replace(info["data"], "")
+        prompt_tokens = len(text) // 4 + sum(
+            math.ceil(info["width"] * info["height"] / 750) for info, _ in images
+        )
         completion_tokens = max(1, len(answer) // 4)
         number = len(fake.requests)
         if provider == "openai":
@@ -346,6 +486,93 @@ def _items(body: dict) -> list[dict]:
         if isinstance(rows, list):
             return [r for r in rows if isinstance(r, dict) and "item" in r]
     return []
+
+
+def _image_parts(body: dict, provider: str) -> list[tuple[str, str]]:
+    """(declared media type, base64 data) of every image in the messages."""
+    out = []
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if provider == "openai" and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url", "")
+                head, _, data = url.partition(",")
+                media = head.removeprefix("data:").removesuffix(";base64")
+                if not head.startswith("data:") or not head.endswith(";base64"):
+                    media, data = "url", url
+                out.append((media, data))
+            elif provider == "anthropic" and part.get("type") == "image":
+                source = part.get("source") or {}
+                if source.get("type") != "base64":
+                    out.append(("url", str(source.get("url", ""))))
+                else:
+                    out.append((source.get("media_type", ""), source.get("data", "")))
+    return out
+
+
+def _images(body: dict, provider: str, fake: FakeLLMServer):
+    """The decoded images ([(info, PIL image)]) and the first problem, or None."""
+    images = []
+    for media, data in _image_parts(body, provider):
+        if media == "url":
+            return images, "only base64 images are accepted here"
+        if media not in MAGIC:
+            return images, f"Unsupported image media type: {media}"
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            return images, "Invalid base64 image data"
+        if not raw.startswith(MAGIC[media]):
+            return (
+                images,
+                f"The image was specified using the {media} media type, but does not appear to be a valid {media} image",
+            )
+        if len(raw) > fake.max_image_bytes:
+            return images, f"image exceeds {fake.max_image_bytes} bytes ({len(raw)})"
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                img.load()
+                image = img.copy()
+                kind = img.format
+        except Exception:
+            return images, "Could not process image"
+        if max(image.size) > fake.max_image_side:
+            return images, f"image dimensions exceed max allowed size: {image.size}"
+        info = {
+            "media_type": media,
+            "format": kind,
+            "mode": image.mode,
+            "width": image.width,
+            "height": image.height,
+            "bytes": len(raw),
+            "base64_chars": len(data),
+            "data": data,
+        }
+        images.append((info, image))
+    return images, None
+
+
+def _questions(body: dict) -> dict[str, str]:
+    """The questions of a vision request: a fenced JSON object in its text."""
+    texts = []
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [p.get("text", "") for p in content if isinstance(p, dict)]
+    for block in FENCE.findall("\n".join(texts)):
+        try:
+            rows = json.loads(block)
+        except ValueError:
+            continue
+        if isinstance(rows, dict):
+            return {str(k): str(v) for k, v in rows.items()}
+    return {}
 
 
 def _openai_reply(number, body, answer, stop, refusal, prompt_tokens, completion):
