@@ -270,7 +270,10 @@ class ClipNsfwFilter(Filter):
     description = "rejects images LAION's CLIP-based NSFW detector scores high"
     Options = ClipNsfwOptions
     cost = 1.5
-    requires = (("transformers", "chatroom[clip]"), ("torch", "chatroom[clip]"))
+    requires = (
+        ("transformers", "chatroom[transformers]"),
+        ("torch", "chatroom[torch]"),
+    )
 
     def __init__(self, options, context):
         super().__init__(options, context)
