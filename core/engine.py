@@ -365,6 +365,7 @@ class Engine:
         self.on_progress(progress)
         self.bank = self._bank(references)
         if settings.stop_after == "attributes":
+            self._rewrite_jsonl()  # references the extractor could not read
             return self._summary("stopped after attributes", started)
 
         progress.phase = "prompting"
@@ -454,6 +455,8 @@ class Engine:
         extractor = self.instance(spec)
         bank = extractor.extract(references, self.domain)
         bank.extractor = spec.cls.name
+        for entry in bank.entries:
+            entry.extractor = entry.extractor or spec.cls.name
         store.write_jsonl(path, [e.model_dump() for e in bank.entries])
         log.info(
             "attribute bank: %d attributes, %d entries from %d references",

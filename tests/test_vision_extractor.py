@@ -286,7 +286,7 @@ def test_an_apology_without_a_fallback_leaves_the_photo_out(
     summary, out = chatroom_run(
         few_refs,
         count=2,
-        stop_after="prompts",
+        stop_after="attributes",
         overrides=overrides(llm, "anthropic", discover=0, concurrency=1),
     )
 
