@@ -39,7 +39,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -67,17 +67,47 @@ REFUSAL = re.compile(
 FENCE = re.compile(r"```[a-zA-Z]*\s*\n(.*?)```", re.DOTALL)
 
 
-class LLMOptions(Options):
+class ChatAPIOptions(Options):
+    """The options of every component that calls a chat API: OpenAI, Anthropic, or
+    a compatible server. ``public`` gives each provider's URL, model and key variable.
+    """
+
+    public: ClassVar[dict[str, tuple[str, str, str]]] = PUBLIC
+
     provider: Literal["openai", "anthropic"] = Field(
         "openai", description="API style: openai also serves vLLM, Ollama, llama.cpp."
     )
-    model: str = Field("", description="Default: gpt-3.5-turbo / claude-haiku-4-5.")
+    model: str = Field("", description="Default: the provider's model.")
     base_url: str = Field(
         "", description="Server URL; default: the provider's public API."
     )
     api_key_env: str = Field(
         "", description="Variable holding the key; default OPENAI_API_KEY etc."
     )
+    timeout: float = Field(60.0, gt=0, description="Seconds per request.")
+    max_retries: int = Field(4, ge=0, le=20, description="Retries of failed calls.")
+    retry_wait: float = Field(
+        0.5, gt=0, description="First wait before a retry; doubles up to 30 s."
+    )
+    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight.")
+    max_cost_usd: float | None = Field(
+        None, gt=0, description="Stop (resumably) once the estimated cost reaches it."
+    )
+    prices: tuple[float, float] | None = Field(
+        None, description="USD per million input and output tokens, if not listed."
+    )
+
+    @model_validator(mode="after")
+    def _provider_defaults(self):
+        url, model, env = self.public[self.provider]
+        self.base_url = self.base_url or url
+        self.model = self.model or model
+        self.api_key_env = self.api_key_env or env
+        return self
+
+
+class LLMOptions(ChatAPIOptions):
+    model: str = Field("", description="Default: gpt-3.5-turbo / claude-haiku-4-5.")
     prompts_per_call: int = Field(8, ge=1, le=64, description="Items per request.")
     temperature: float | None = Field(
         None, ge=0, le=2, description="Sampling temperature; default: the server's."
@@ -92,30 +122,10 @@ class LLMOptions(Options):
         description="JSONL of community prompts (chatroom prompts import); its "
         "prompts of this family replace the pack's.",
     )
-    timeout: float = Field(60.0, gt=0, description="Seconds per request.")
-    max_retries: int = Field(4, ge=0, le=20, description="Retries of failed calls.")
-    retry_wait: float = Field(
-        0.5, gt=0, description="First wait before a retry; doubles up to 30 s."
-    )
-    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight.")
-    max_cost_usd: float | None = Field(
-        None, gt=0, description="Stop (resumably) once the estimated cost reaches it."
-    )
-    prices: tuple[float, float] | None = Field(
-        None, description="USD per million input and output tokens, if not listed."
-    )
     duplicate_threshold: float = Field(
         0.9, ge=0, le=1, description="Word-set Jaccard above which prompts clash."
     )
     negative_prompt: str = Field("", description="Overrides the pack's.")
-
-    @model_validator(mode="after")
-    def _provider_defaults(self):
-        url, model, env = PUBLIC[self.provider]
-        self.base_url = self.base_url or url
-        self.model = self.model or model
-        self.api_key_env = self.api_key_env or env
-        return self
 
     @property
     def batch_size(self) -> int:
@@ -272,11 +282,15 @@ class OpenAIChat:
         )
 
     def complete(self, system: str, user: str) -> Reply:
+        return self.send(system, user)
+
+    def send(self, system: str, content: str | list[dict[str, Any]]) -> Reply:
+        """One request: the system message and the user's text or content parts."""
         response = self.client.chat.completions.create(
             model=self.options.model,
             messages=[
                 {"role": "system", "content": system},
-                {"role": "user", "content": user},
+                {"role": "user", "content": content},
             ],
             max_tokens=self.options.max_tokens,
             **sampling(self.options.temperature),
@@ -313,11 +327,15 @@ class AnthropicMessages:
         )
 
     def complete(self, system: str, user: str) -> Reply:
+        return self.send(system, user)
+
+    def send(self, system: str, content: str | list[dict[str, Any]]) -> Reply:
+        """One request: the system prompt and the user's text or content blocks."""
         response = self.client.messages.create(
             model=self.options.model,
             max_tokens=self.options.max_tokens,
             system=system,
-            messages=[{"role": "user", "content": user}],
+            messages=[{"role": "user", "content": content}],
             # Recent clients take sampling settings only as extra body fields.
             extra_body=sampling(min(self.options.temperature, 1.0))
             if self.options.temperature is not None
@@ -343,10 +361,69 @@ PROVIDERS = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
 # --- the prompter ------------------------------------------------------------------
 
 
-class LLMPrompter(Prompter):
+class ChatAPIClient:
+    """Set-up shared by the components that call a chat API (the LLM prompter, the
+    vision extractor): the provider's client and the call policy, made on first use.
+
+    The component sets ``providers`` (provider name -> client class), ``who``,
+    ``meter``, ``_lock``, ``_provider = None`` and ``_remote = None``; its options
+    are a ``ChatAPIOptions``.
+    """
+
+    providers: ClassVar[dict[str, type]] = {}
+
+    def _connect(self) -> tuple[Any, remote.Remote]:
+        with self._lock:
+            if self._remote is None:
+                options = self.options
+                remote.check_base_url(options.base_url, self.who)
+                if self.meter.prices is None and options.max_cost_usd is not None:
+                    raise ConfigError(
+                        f"{self.who}: max_cost_usd needs prices for model "
+                        f"'{options.model}': set {self.stage}.prices = [input, output] "
+                        "in USD per million tokens"
+                    )
+                key = self._key()
+                self._provider = self.providers[options.provider](
+                    options, key, self.who
+                )
+                self._remote = remote.Remote(
+                    who=self.who,
+                    service=remote.safe_url(options.base_url),
+                    key=key,
+                    key_env=options.api_key_env,
+                    meter=self.meter,
+                    max_retries=options.max_retries,
+                    concurrency=options.concurrency,
+                    max_cost_usd=options.max_cost_usd,
+                    backoff=(options.retry_wait, 30.0),
+                    extra=options.provider,
+                )
+                self._connected()
+            return self._provider, self._remote
+
+    def _connected(self) -> None:
+        """Runs once, under the lock, when the client is first made."""
+
+    def _key(self) -> str:
+        options = self.options
+        local = options.base_url != options.public[options.provider][0]
+        try:
+            return remote.read_key(options.api_key_env, self.who)
+        except ConfigError:
+            if local:  # local servers (vLLM, Ollama, llama.cpp) take any key
+                log.debug(
+                    "%s: no key in %s; sending none", self.who, options.api_key_env
+                )
+                return "none"
+            raise
+
+
+class LLMPrompter(ChatAPIClient, Prompter):
     name = "llm"
     description = "an LLM writes prompts few-shot (OpenAI, Anthropic, compatible)"
     Options = LLMOptions
+    providers = PROVIDERS
 
     def __init__(self, options: LLMOptions, context):
         super().__init__(options, context)
@@ -363,48 +440,10 @@ class LLMPrompter(Prompter):
 
     # --- set-up ---------------------------------------------------------------------
 
-    def _connect(self) -> tuple[Any, remote.Remote]:
-        with self._lock:
-            if self._remote is None:
-                options = self.options
-                remote.check_base_url(options.base_url, self.who)
-                if self.meter.prices is None and options.max_cost_usd is not None:
-                    raise ConfigError(
-                        f"{self.who}: max_cost_usd needs prices for model "
-                        f"'{options.model}': set prompter.prices = [input, output] "
-                        "in USD per million tokens"
-                    )
-                key = self._key()
-                self._provider = PROVIDERS[options.provider](options, key, self.who)
-                self._remote = remote.Remote(
-                    who=self.who,
-                    service=remote.safe_url(options.base_url),
-                    key=key,
-                    key_env=options.api_key_env,
-                    meter=self.meter,
-                    max_retries=options.max_retries,
-                    concurrency=options.concurrency,
-                    max_cost_usd=options.max_cost_usd,
-                    backoff=(options.retry_wait, 30.0),
-                    extra=options.provider,
-                )
-                self._pool = ThreadPoolExecutor(
-                    options.concurrency, thread_name_prefix="chatroom-llm"
-                )
-            return self._provider, self._remote
-
-    def _key(self) -> str:
-        options = self.options
-        local = options.base_url != PUBLIC[options.provider][0]
-        try:
-            return remote.read_key(options.api_key_env, self.who)
-        except ConfigError:
-            if local:  # local servers (Ollama, llama.cpp) take any key
-                log.debug(
-                    "%s: no key in %s; sending none", self.who, options.api_key_env
-                )
-                return "none"
-            raise
+    def _connected(self) -> None:
+        self._pool = ThreadPoolExecutor(
+            self.options.concurrency, thread_name_prefix="chatroom-llm"
+        )
 
     def _seed_duplicates(self) -> None:
         """Prompts an earlier run wrote into this folder count as written."""

@@ -361,10 +361,10 @@ class PoseOptions(Options):
         return value
 
 
-class PoseFilter(Filter):
-    name = "pose"
-    description = "one prominent person with the required joints visible (BlazePose)"
-    Options = PoseOptions
+class PeopleFilter(Filter):
+    """A filter that finds the people in each image (BlazePose unless a subclass
+    sets another finder as ``model``) and lets ``judge`` decide on them."""
+
     cost = 0.4
     requires = (("mediapipe", "chatroom[offline]"),)
 
@@ -378,8 +378,26 @@ class PoseFilter(Filter):
     def _one(self, image) -> Verdict:
         if image is None:
             return Verdict(passed=False, reason="no image")
+        people = self.model.find_people(image, self.options.max_people)
+        return self.judge(image, people)
+
+    def judge(self, image, people: list[Keypoints]) -> Verdict:
+        raise NotImplementedError  # pragma: no cover
+
+    def describe(self):
+        return {"model": self.model.model}
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class PoseFilter(PeopleFilter):
+    name = "pose"
+    description = "one prominent person with the required joints visible (BlazePose)"
+    Options = PoseOptions
+
+    def judge(self, image, people: list[Keypoints]) -> Verdict:
         options = self.options
-        people = self.model.find_people(image, options.max_people)
         decision = decide_pose(
             people,
             image.width,
@@ -397,12 +415,6 @@ class PoseFilter(Filter):
             scores=decision.scores,
             artefacts=artefacts,
         )
-
-    def describe(self):
-        return {"model": self.model.model}
-
-    def close(self) -> None:
-        self.model.close()
 
 
 class PoseKeypointsOptions(Options):

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from chatroom.components import Filter, Options
+from chatroom.components import Options
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Verdict
-from chatroom.plugins.pose import BlazePose, visible_height
+from chatroom.plugins.pose import PeopleFilter, visible_height
 
 
 class NoPeopleOptions(Options):
@@ -58,34 +58,16 @@ def decide_no_people(
     return ("person in frame" if len(counted) == 1 else "people in frame"), scores
 
 
-class NoPeopleFilter(Filter):
+class NoPeopleFilter(PeopleFilter):
     name = "no_people"
     description = "rejects images with a person in them (BlazePose)"
     Options = NoPeopleOptions
-    cost = 0.4
-    requires = (("mediapipe", "chatroom[offline]"),)
 
-    def __init__(self, options, context):
-        super().__init__(options, context)
-        self.model = BlazePose(self.name)
-
-    def check(self, candidates) -> list[Verdict]:
-        return [self._one(candidate.image) for candidate in candidates]
-
-    def _one(self, image) -> Verdict:
-        if image is None:
-            return Verdict(passed=False, reason="no image")
-        people = self.model.find_people(image, self.options.max_people)
+    def judge(self, image, people) -> Verdict:
         reason, scores = decide_no_people(
             people, image.width, image.height, self.options
         )
         return Verdict(passed=not reason, reason=reason, scores=scores)
-
-    def describe(self):
-        return {"model": self.model.model}
-
-    def close(self) -> None:
-        self.model.close()
 
 
 @hookimpl

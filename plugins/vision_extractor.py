@@ -35,11 +35,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from chatroom.components import Context, Extractor, Options, validate_options
+from chatroom.components import Context, Extractor, validate_options
 from chatroom.errors import ChatroomError, ConfigError, PluginError
 from chatroom.hookspecs import hookimpl
 from chatroom.models import AttributeBank, BankEntry, Failure, Reference
@@ -50,10 +50,11 @@ from .blip2 import answer_problem, clean_answer, parse_attributes
 from .llm_prompter import (
     REFUSAL,
     AnthropicMessages,
+    ChatAPIClient,
+    ChatAPIOptions,
     OpenAIChat,
     Reply,
     find_json,
-    sampling,
 )
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,10 @@ ORIENTATION = 0x0112  # the EXIF tag
 MIN_SIDE = 64  # a picture is not shrunk below this to fit max_bytes
 
 
-class VisionOptions(Options):
-    provider: Literal["openai", "anthropic"] = Field(
-        "openai", description="API style: openai also serves vLLM, Ollama, llama.cpp."
-    )
+class VisionOptions(ChatAPIOptions):
+    public: ClassVar[dict[str, tuple[str, str, str]]] = PUBLIC
+
     model: str = Field("", description="Default: gpt-4o / claude-sonnet-4-5.")
-    base_url: str = Field(
-        "", description="Server URL; default: the provider's public API."
-    )
-    api_key_env: str = Field(
-        "", description="Variable holding the key; default OPENAI_API_KEY etc."
-    )
     discover: int = Field(
         3, ge=0, description="How many key attributes the model may add to the pack's."
     )
@@ -113,18 +107,6 @@ class VisionOptions(Options):
         le=2,
         description="Sampling temperature; 0 reads a photo the same way.",
     )
-    timeout: float = Field(60.0, gt=0, description="Seconds per request.")
-    max_retries: int = Field(4, ge=0, le=20, description="Retries of failed calls.")
-    retry_wait: float = Field(
-        0.5, gt=0, description="First wait before a retry; doubles up to 30 s."
-    )
-    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight.")
-    max_cost_usd: float | None = Field(
-        None, gt=0, description="Stop (resumably) once the estimated cost reaches it."
-    )
-    prices: tuple[float, float] | None = Field(
-        None, description="USD per million input and output tokens, if not listed."
-    )
     fallback: str = Field(
         "",
         description="Another extractor (e.g. blip2, static) that answers for "
@@ -133,14 +115,6 @@ class VisionOptions(Options):
     fallback_options: dict[str, Any] = Field(
         default_factory=dict, description="The fallback extractor's own options."
     )
-
-    @model_validator(mode="after")
-    def _provider_defaults(self):
-        url, model, env = PUBLIC[self.provider]
-        self.base_url = self.base_url or url
-        self.model = self.model or model
-        self.api_key_env = self.api_key_env or env
-        return self
 
 
 # --- pictures ----------------------------------------------------------------------
@@ -220,27 +194,7 @@ class OpenAIVision(OpenAIChat):
                 "image_url": {"url": url, "detail": self.options.detail},
             },
         ]
-        response = self.client.chat.completions.create(
-            model=self.options.model,
-            messages=[
-                {"role": "system", "content": system},
-                {"role": "user", "content": content},
-            ],
-            max_tokens=self.options.max_tokens,
-            **sampling(self.options.temperature),
-        )
-        choice = response.choices[0]
-        refusal = choice.message.refusal
-        if choice.finish_reason == "content_filter":
-            refusal = refusal or "stopped by the content filter"
-        usage = response.usage
-        return Reply(
-            text=choice.message.content or "",
-            truncated=choice.finish_reason == "length",
-            refusal=refusal,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-        )
+        return self.send(system, content)
 
 
 class AnthropicVision(AnthropicMessages):
@@ -252,33 +206,11 @@ class AnthropicVision(AnthropicMessages):
             "media_type": picture.media_type,
             "data": picture.base64,
         }
-        temperature = self.options.temperature
-        response = self.client.messages.create(
-            model=self.options.model,
-            max_tokens=self.options.max_tokens,
-            system=system,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image", "source": source},
-                        {"type": "text", "text": text},
-                    ],
-                }
-            ],
-            extra_body=sampling(min(temperature, 1.0))
-            if temperature is not None
-            else None,
-        )
-        reply_text = "".join(b.text for b in response.content if b.type == "text")
-        refused = response.stop_reason == "refusal"
-        return Reply(
-            text=reply_text,
-            truncated=response.stop_reason == "max_tokens",
-            refusal=(reply_text.strip() or "refused") if refused else None,
-            prompt_tokens=response.usage.input_tokens,
-            completion_tokens=response.usage.output_tokens,
-        )
+        content = [
+            {"type": "image", "source": source},
+            {"type": "text", "text": text},
+        ]
+        return self.send(system, content)
 
 
 PROVIDERS = {"openai": OpenAIVision, "anthropic": AnthropicVision}
@@ -299,7 +231,7 @@ class Outcome:
     reason: str = ""
 
 
-class VisionExtractor(Extractor):
+class VisionExtractor(ChatAPIClient, Extractor):
     """Learns the domain's attributes from reference photos by asking a remote VLM."""
 
     name = "vision"
@@ -308,6 +240,7 @@ class VisionExtractor(Extractor):
         "(OpenAI, Anthropic, compatible)"
     )
     Options = VisionOptions
+    providers = PROVIDERS
 
     def __init__(self, options: VisionOptions, context: Context):
         super().__init__(options, context)
@@ -342,45 +275,6 @@ class VisionExtractor(Extractor):
             cls, "extractor.fallback_options", self.options.fallback_options
         )
         return cls(options, self.context)
-
-    # --- set-up ---------------------------------------------------------------------
-
-    def _connect(self) -> tuple[Any, remote.Remote]:
-        with self._lock:
-            if self._remote is None:
-                options = self.options
-                remote.check_base_url(options.base_url, self.who)
-                if self.meter.prices is None and options.max_cost_usd is not None:
-                    raise ConfigError(
-                        f"{self.who}: max_cost_usd needs prices for model "
-                        f"'{options.model}': set extractor.prices = [input, output] "
-                        "in USD per million tokens"
-                    )
-                key = self._key()
-                self._provider = PROVIDERS[options.provider](options, key, self.who)
-                self._remote = remote.Remote(
-                    who=self.who,
-                    service=remote.safe_url(options.base_url),
-                    key=key,
-                    key_env=options.api_key_env,
-                    meter=self.meter,
-                    max_retries=options.max_retries,
-                    concurrency=options.concurrency,
-                    max_cost_usd=options.max_cost_usd,
-                    backoff=(options.retry_wait, 30.0),
-                    extra=options.provider,
-                )
-            return self._provider, self._remote
-
-    def _key(self) -> str:
-        options = self.options
-        try:
-            return remote.read_key(options.api_key_env, self.who)
-        except ConfigError:
-            if options.base_url != PUBLIC[options.provider][0]:
-                # Local servers (vLLM, Ollama, llama.cpp) take any key.
-                return "none"
-            raise
 
     # --- the chat -------------------------------------------------------------------
 

@@ -38,3 +38,36 @@ def smoke_dir(tmp_path_factory) -> Path:
     if not (root / "smoke.toml").is_file():
         write_smoke_models(root)
     return root
+
+
+def reference_photos(domain: str, names) -> dict:
+    """The shared reference photos of one domain by file name, as RGB images."""
+    from PIL import Image
+
+    folder = REFERENCES / domain
+    if not folder.is_dir():
+        pytest.fail(f"the shared reference photos are missing: {folder}")
+    out = {}
+    for name in names:
+        with Image.open(folder / name) as image:
+            out[name] = image.convert("RGB")
+    return out
+
+
+def candidate(image, index: int = 0):
+    """A generated candidate holding ``image``, as filters and annotators get it."""
+    from chatroom.models import Candidate, GenerationSettings, PromptSpec
+
+    spec = PromptSpec(index=index, item_id=f"i{index}", prompt="", negative_prompt="")
+    return Candidate(
+        index=index,
+        item_id=f"i{index}",
+        spec=spec,
+        settings=GenerationSettings(),
+        image=image,
+    )
+
+
+def candidates(images) -> list:
+    """One candidate per image, indexed in order."""
+    return [candidate(image, index) for index, image in enumerate(images)]

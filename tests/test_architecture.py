@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import candidate, reference_photos
 
 from chatroom.components import Context, validate_options
 from chatroom.errors import ConfigError
-from chatroom.models import Candidate, GenerationSettings, PromptSpec
 from chatroom.plugins.control_maps import DepthMap, EdgeMap, write_tiny_depth_model
 from chatroom.plugins.scene_checks import (
     NoPeopleFilter,
@@ -21,31 +20,10 @@ EMPTY = ["architecture_01.jpg", "architecture_03.jpg", "architecture_05.jpg"]
 
 @pytest.fixture(scope="module")
 def photos():
-    from conftest import REFERENCES
-
-    out = {}
-    for domain, names in (
-        ("architecture", EMPTY),
-        ("fashion", ["fashion_01.jpg"]),
-    ):
-        folder = REFERENCES / domain
-        if not folder.is_dir():
-            pytest.fail(f"the shared reference photos are missing: {folder}")
-        for name in names:
-            with Image.open(folder / name) as image:
-                out[name] = image.convert("RGB")
-    return out
-
-
-def candidate(image, index=0):
-    spec = PromptSpec(index=index, item_id=f"i{index}", prompt="", negative_prompt="")
-    return Candidate(
-        index=index,
-        item_id=f"i{index}",
-        spec=spec,
-        settings=GenerationSettings(),
-        image=image,
-    )
+    return {
+        **reference_photos("architecture", EMPTY),
+        **reference_photos("fashion", ["fashion_01.jpg"]),
+    }
 
 
 def pasted(building, person, share=0.6):

@@ -7,9 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from conftest import candidates  # noqa: E402
+
 from chatroom.components import Context, validate_options  # noqa: E402
 from chatroom.errors import ConfigError  # noqa: E402
-from chatroom.models import Candidate, GenerationSettings, PromptSpec  # noqa: E402
 from chatroom.plugins.clip_nsfw import (  # noqa: E402
     LAION_HEADS,
     ClipNsfwFilter,
@@ -20,20 +21,11 @@ from chatroom.plugins.clip_nsfw import (  # noqa: E402
 )
 
 
-def candidates(count):
+def squares(count):
+    """``count`` small images of different colours."""
     from PIL import Image
 
-    spec = PromptSpec(index=0, item_id="x", prompt="p", negative_prompt="")
-    return [
-        Candidate(
-            index=n,
-            item_id=f"item{n}",
-            spec=spec,
-            settings=GenerationSettings(),
-            image=Image.new("RGB", (32, 32), (n * 40, 90, 120)),
-        )
-        for n in range(count)
-    ]
+    return [Image.new("RGB", (32, 32), (n * 40, 90, 120)) for n in range(count)]
 
 
 def direction_head(path, dim=32):
@@ -61,7 +53,7 @@ def test_scripted_embedding_crosses_the_threshold(smoke_dir, tmp_path, monkeypat
     monkeypatch.setattr(nsfw, "embed", lambda images: torch.stack([unsafe, safe]))
     nsfw.options.threshold = 0.6
 
-    flagged, kept = nsfw.check(candidates(2))
+    flagged, kept = nsfw.check(candidates(squares(2)))
     assert not flagged.passed and flagged.reason.startswith("nsfw: clip score 1.00")
     assert flagged.scores["nsfw"] > 0.99
     assert kept.passed and kept.scores["nsfw"] == pytest.approx(0.5)
@@ -69,7 +61,7 @@ def test_scripted_embedding_crosses_the_threshold(smoke_dir, tmp_path, monkeypat
 
 def test_runs_end_to_end_on_the_tiny_clip(smoke_dir):
     nsfw = build(smoke_dir, smoke_dir / "clip_nsfw" / "head.safetensors")
-    verdicts = nsfw.check(candidates(3))
+    verdicts = nsfw.check(candidates(squares(3)))
     assert len(verdicts) == 3
     assert all(0 <= v.scores["nsfw"] <= 1 for v in verdicts)
     assert nsfw.usage() == {"images": 3.0}

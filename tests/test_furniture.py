@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import candidate, reference_photos
 from PIL import Image, ImageDraw
 
 from chatroom.components import Context, validate_options
 from chatroom.errors import ConfigError
-from chatroom.models import Candidate, GenerationSettings, PromptSpec
 from chatroom.plugins.object_checks import ObjectMask, SingleObjectFilter
 
 # furniture_01-06: catalogue shots, one piece on white. 07 is a showroom photo with
@@ -17,27 +17,7 @@ CLUTTERED = ["furniture_07.jpg", "furniture_08.png"]
 
 @pytest.fixture(scope="module")
 def photos():
-    from conftest import REFERENCES
-
-    folder = REFERENCES / "furniture"
-    if not folder.is_dir():
-        pytest.fail(f"the shared reference photos are missing: {folder}")
-    out = {}
-    for name in PRODUCT_SHOTS + CLUTTERED:
-        with Image.open(folder / name) as image:
-            out[name] = image.convert("RGB")
-    return out
-
-
-def candidate(image, index=0):
-    spec = PromptSpec(index=index, item_id=f"i{index}", prompt="", negative_prompt="")
-    return Candidate(
-        index=index,
-        item_id=f"i{index}",
-        spec=spec,
-        settings=GenerationSettings(),
-        image=image,
-    )
+    return reference_photos("furniture", PRODUCT_SHOTS + CLUTTERED)
 
 
 def judge(image, **options):

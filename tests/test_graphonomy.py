@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import candidate
 from PIL import Image
 
 from chatroom.components import Context, validate_options
 from chatroom.errors import ConfigError
-from chatroom.models import Candidate, GenerationSettings, PromptSpec
 from chatroom.plugins.graphonomy import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -38,17 +38,6 @@ TINY = Architecture(
     aspp=8,
     low_level=4,
 )
-
-
-def candidate(image, index=0):
-    spec = PromptSpec(index=index, item_id=f"i{index}", prompt="", negative_prompt="")
-    return Candidate(
-        index=index,
-        item_id=f"i{index}",
-        spec=spec,
-        settings=GenerationSettings(),
-        image=image,
-    )
 
 
 def annotator(checkpoint, **extra):

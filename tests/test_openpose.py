@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import candidate
 from PIL import Image
 
 from chatroom.components import Context, validate_options
 from chatroom.errors import ConfigError
-from chatroom.models import Candidate, GenerationSettings, PromptSpec, Verdict
+from chatroom.models import Verdict
 from chatroom.plugins.openpose import (
     BODY_FILE,
     OpenPoseBody,
@@ -50,17 +51,6 @@ def standing(x, top, height, score=0.8, skip=()):
         for i in range(18)
         if i not in skip
     }
-
-
-def candidate(image, index=0):
-    spec = PromptSpec(index=index, item_id=f"i{index}", prompt="", negative_prompt="")
-    return Candidate(
-        index=index,
-        item_id=f"i{index}",
-        spec=spec,
-        settings=GenerationSettings(),
-        image=image,
-    )
 
 
 def body_options(component, checkpoint, **extra):

@@ -1,11 +1,12 @@
 """The pose rule: a pure decision over keypoints, then BlazePose on real photos."""
 
 import pytest
+from conftest import candidate
 from PIL import Image, ImageOps
 
 from chatroom.components import Context, validate_options
 from chatroom.errors import ConfigError
-from chatroom.models import Candidate, GenerationSettings, PromptSpec, Verdict
+from chatroom.models import Verdict
 from chatroom.plugins.pose import (
     COCO18,
     PoseFilter,
@@ -148,17 +149,6 @@ class NoModel:
 
     def close(self):
         pass
-
-
-def candidate(image, index=0):
-    spec = PromptSpec(index=index, item_id=f"i{index}", prompt="", negative_prompt="")
-    return Candidate(
-        index=index,
-        item_id=f"i{index}",
-        spec=spec,
-        settings=GenerationSettings(),
-        image=image,
-    )
 
 
 def test_the_annotator_reuses_the_filters_keypoints():

@@ -8,9 +8,10 @@ import pytest
 
 pytest.importorskip("brisque")
 
+from conftest import candidates, reference_photos  # noqa: E402
+
 from chatroom.components import Context, validate_options  # noqa: E402
 from chatroom.errors import ConfigError  # noqa: E402
-from chatroom.models import Candidate, GenerationSettings, PromptSpec  # noqa: E402
 from chatroom.plugins.quality import QualityFilter, score_images  # noqa: E402
 
 # Street photos with detail everywhere: BRISQUE rates them well (flat studio
@@ -18,14 +19,8 @@ from chatroom.plugins.quality import QualityFilter, score_images  # noqa: E402
 STREET = ("fashion_10", "fashion_13", "fashion_16")
 
 
-def photos(folder, names):
-    from PIL import Image
-
-    out = []
-    for name in names:
-        with Image.open(folder / f"{name}.jpg") as img:
-            out.append(img.convert("RGB"))
-    return out
+def photos(names):
+    return list(reference_photos("fashion", [f"{name}.jpg" for name in names]).values())
 
 
 def ruined(image):
@@ -35,35 +30,21 @@ def ruined(image):
     return image.filter(ImageFilter.GaussianBlur(8))
 
 
-def candidates(images):
-    spec = PromptSpec(index=0, item_id="x", prompt="p", negative_prompt="")
-    return [
-        Candidate(
-            index=n,
-            item_id=f"item{n}",
-            spec=spec,
-            settings=GenerationSettings(),
-            image=image,
-        )
-        for n, image in enumerate(images)
-    ]
-
-
 def build(**raw):
     options = validate_options(QualityFilter, "filters.quality", raw)
     return QualityFilter(options, Context(domain=None))
 
 
-def test_brisque_tells_photos_from_blurred_copies(fashion_refs):
-    originals = photos(fashion_refs, STREET)
+def test_brisque_tells_photos_from_blurred_copies():
+    originals = photos(STREET)
     good = score_images(originals, "brisque")
     bad = score_images([ruined(i) for i in originals], "brisque")
     assert all(g < 40 for g in good), good
     assert all(b > 80 for b in bad), bad
 
 
-def test_filter_rejects_the_blurred_copy_and_scores_both(fashion_refs):
-    [original] = photos(fashion_refs, STREET[:1])
+def test_filter_rejects_the_blurred_copy_and_scores_both():
+    [original] = photos(STREET[:1])
     verdicts = build(metric="brisque").check(candidates([original, ruined(original)]))
     kept, rejected = verdicts
     assert kept.passed and kept.scores["brisque"] < 40
@@ -96,10 +77,10 @@ def test_unknown_metric_is_refused():
 
 
 @pytest.mark.slow
-def test_smoke_nima_scores_in_range_and_threshold_decides(smoke_dir, fashion_refs):
+def test_smoke_nima_scores_in_range_and_threshold_decides(smoke_dir):
     pytest.importorskip("timm")
     weights = smoke_dir / "nima" / "nima-smoke.safetensors"
-    images = photos(fashion_refs, STREET)
+    images = photos(STREET)
     scores = score_images(images, "nima", str(weights))
     assert len(scores) == 3 and all(1 <= s <= 10 for s in scores)
 
