@@ -152,6 +152,11 @@ def _accepted(model: type[BaseModel], field: str) -> str:
     args = getattr(ann, "__args__", None)
     if args and all(isinstance(a, str) for a in args):
         return "one of " + ", ".join(repr(a) for a in args)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "a table of options"
+    plain = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+    if ann in plain:
+        return plain[ann]
     name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
     return f"a {name}"
 
@@ -172,7 +177,8 @@ def validate_options(component: type[Component], where: str, raw: dict) -> Optio
                 f"{where} ({component.name}): unknown option '{loc}'{hint}"
             ) from None
         value = err.get("input")
-        accepted = _accepted(model, option)
+        # A nested option (hires.steps) has its own rule in the message already.
+        accepted = _accepted(model, option) if len(err["loc"]) == 1 else ""
         msg = err["msg"][0].lower() + err["msg"][1:]
         tail = f"; expected {accepted}" if accepted else ""
         raise ConfigError(

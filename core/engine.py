@@ -39,7 +39,14 @@ from .models import (
 from .plan import plan_item
 from .records import write_record
 from .references import load_references
-from .resolve import ComponentSpec, Request, Resolved, changed_keys, resolve
+from .resolve import (
+    ComponentSpec,
+    Request,
+    Resolved,
+    changed_keys,
+    check_libraries,
+    resolve,
+)
 from .runinfo import run_info
 
 log = logging.getLogger(__name__)
@@ -179,6 +186,7 @@ class Engine:
         refs_folder = settings.references
         if not refs_folder:
             raise InputError("no references folder: pass --references DIR")
+        check_libraries(self.resolved)
         references, ref_failures = load_references(
             refs_folder, settings.reference_sample, settings.seed
         )

@@ -76,9 +76,9 @@ class HiresSettings(BaseModel):
 
     enabled: bool = False
     upscaler: str = "latent"
-    scale: float = 2.0
-    denoise: float = 0.4
-    steps: int = 15
+    scale: float = Field(2.0, ge=1.0, le=8.0)
+    denoise: float = Field(0.4, ge=0.0, le=1.0)
+    steps: int = Field(15, ge=0)  # 0: as many as the first pass, as in the WebUI
 
 
 class GenerationSettings(BaseModel):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import config as cfg
-from .components import Component, validate_options
+from .components import Component, closest, validate_options
 from .domain import Domain, resolve_domain
-from .errors import ConfigError
+from .errors import ConfigError, MissingDependency
 from .manager import Plugins
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ def resolve(request: Request, plugins: Plugins) -> Resolved:
         specs = []
         for key, body in entries:
             prefix = section if key == section else f"{section}.{key}"
-            spec = _component(stage, key, prefix, body, plugins, layers, domain.name)
+            spec = _component(stage, key, prefix, body, plugins, layers, domain)
             if spec is None:
                 continue
             specs.append(spec)
@@ -164,7 +166,7 @@ def _component(
     body: Any,
     plugins: Plugins,
     layers: cfg.Layered,
-    domain: str,
+    domain: Domain,
 ) -> ComponentSpec | None:
     if not isinstance(body, dict):
         raise ConfigError(f"{prefix}: expected a table of options, got {body!r}")
@@ -183,7 +185,18 @@ def _component(
             )
         if stage not in ("filter", "annotator"):
             raise ConfigError(f"{prefix}.domains: only filters and annotators take it")
-        if domain not in domains:
+        if not domains:
+            raise ConfigError(
+                f"{prefix}.domains is empty: name a domain, or set enabled = false"
+            )
+        known = sorted({*plugins.domains, domain.name})
+        for name in domains:
+            if name not in known:
+                raise ConfigError(
+                    f"{prefix}.domains: unknown domain '{name}'"
+                    f"{closest(name, known) or ' (known: ' + ', '.join(known) + ')'}"
+                )
+        if domain.name not in domains:
             return None
     name = body.get("use") or (key if stage in ("filter", "annotator") else "")
     if not name:
@@ -217,6 +230,22 @@ def _component(
             del raw[option]
     options = validate_options(cls, prefix, raw)
     return ComponentSpec(stage=stage, key=key, cls=cls, options=options, mode=mode)
+
+
+def check_libraries(resolved: Resolved) -> None:
+    """Stop before any work when a component's library is not installed."""
+    needs = [
+        (library, requirement, spec.cls.name)
+        for specs in resolved.components.values()
+        for spec in specs
+        for library, requirement in spec.cls.requires
+    ]
+    if resolved.settings.executor == "ray":
+        needs.append(("ray", "chatroom[ray]", "executor 'ray'"))
+    for library, requirement, who in needs:
+        if importlib.util.find_spec(library) is None:
+            extra = re.search(r"\[(.+)\]", requirement)
+            raise MissingDependency(library, extra.group(1) if extra else "", who)
 
 
 def _deep_update(into: dict, other: dict) -> None:

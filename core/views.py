@@ -18,6 +18,13 @@ def _table(*columns):
     return table
 
 
+def _add_row(table, *cells: str) -> None:
+    """A row of plain text: brackets such as `chatroom[offline]` are not markup."""
+    from rich.text import Text
+
+    table.add_row(*(Text(str(cell)) for cell in cells))
+
+
 def show_plugins() -> None:
     import logging
 
@@ -28,7 +35,7 @@ def show_plugins() -> None:
         stages = sorted(info.stages) + (["domain"] if info.domains else [])
         parts = [c.split(":", 1)[1] for c in sorted(set(info.components))]
         parts += [f"{d} (domain)" for d in info.domains]
-        table.add_row(name, info.version, ", ".join(stages), ", ".join(parts))
+        _add_row(table, name, info.version, ", ".join(stages), ", ".join(parts))
     console = stdout()
     console.print(table)
     for failure in plugins.failures:
@@ -48,7 +55,8 @@ def show_domains() -> None:
     table = _table("domain", "plugin", "word", "attributes", "profiles")
     for name, path in sorted(plugins.domains.items()):
         pack = load_pack(path)
-        table.add_row(
+        _add_row(
+            table,
             name,
             plugins.domain_owners.get(name, ""),
             pack.word,
@@ -71,7 +79,8 @@ def show_doctor(config_path, domain, overrides, profile=None) -> bool:
         for spec in specs:
             for check, ok, detail in _checks(spec, resolved.domain):
                 healthy = healthy and ok
-                table.add_row(
+                _add_row(
+                    table,
                     f"{stage}:{spec.key}",
                     spec.cls.name,
                     check,

@@ -46,3 +46,19 @@ def test_command_does_not_import_heavy_libraries(args, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "the command printed nothing"
     assert json.loads(result.stderr.strip().splitlines()[-1]) == []
+
+
+def test_doctor_prints_install_hints_as_text(monkeypatch, capsys):
+    import importlib.util
+
+    from chatroom.views import show_doctor
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "mediapipe" else real(name, *args),
+    )
+    monkeypatch.setenv("COLUMNS", "300")
+    assert not show_doctor(None, "architecture", [], profile="offline")
+    assert "MISSING: pip install 'chatroom[offline]'" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Config files, overrides, settings sources, secrets and pack folders of one's own."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -142,3 +143,71 @@ def test_a_broken_pack_names_its_file(chatroom_run, few_refs, tmp_path):
     (pack / "pack.toml").write_text('name = "broken"\n[questions]\ncaptions = []\n')
     with pytest.raises(ConfigError, match=r"broken/pack\.toml"):
         chatroom_run(few_refs, count=1, domain=str(pack))
+
+
+def _filters(chatroom_plugins, few_refs, *overrides, domain="fashion"):
+    from chatroom.resolve import Request, resolve
+
+    request = Request(
+        flags={"domain": domain, "references": str(few_refs)},
+        overrides=list(overrides),
+    )
+    return [s.key for s in resolve(request, chatroom_plugins).components["filter"]]
+
+
+def test_domains_keeps_a_component_to_the_packs_it_names(chatroom_plugins, few_refs):
+    scoped = 'filters.image_checks.domains=["furniture", "architecture"]'
+    assert "image_checks" not in _filters(chatroom_plugins, few_refs, scoped)
+    assert "image_checks" in _filters(
+        chatroom_plugins, few_refs, scoped, domain="furniture"
+    )
+    both = 'filters.image_checks.domains=["fashion"]'
+    assert "image_checks" in _filters(chatroom_plugins, few_refs, both)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ('["furnitur"]', "unknown domain 'furnitur' (did you mean 'furniture'?)"),
+        ("[]", "filters.image_checks.domains is empty"),
+        ('"furniture"', "expected a list of domain names"),
+    ],
+)
+def test_a_bad_domains_value_is_one_clear_error(
+    chatroom_plugins, few_refs, value, message
+):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _filters(chatroom_plugins, few_refs, f"filters.image_checks.domains={value}")
+
+
+class NeedsALibrary(Filter):
+    name = "needs_a_library"
+    description = "a filter whose library is not installed"
+    requires = (("chatroom_no_such_library", "chatroom[offline]"),)
+
+    def check(self, candidates):
+        return [Verdict(passed=True) for _ in candidates]
+
+
+class OffersNeedsALibrary:
+    @hookimpl
+    def register_filters(self, register):
+        register(NeedsALibrary)
+
+
+def test_a_missing_library_stops_the_run_before_any_work(
+    chatroom_run, chatroom_plugins, few_refs, tmp_path
+):
+    from chatroom.errors import MissingDependency
+
+    chatroom_plugins.register(OffersNeedsALibrary(), name="needs")
+    out = tmp_path / "never"
+    with pytest.raises(MissingDependency) as caught:
+        chatroom_run(
+            few_refs, output=out, overrides=['filters.x.use="needs_a_library"']
+        )
+    assert str(caught.value) == (
+        "needs_a_library needs the 'chatroom_no_such_library' library: "
+        "pip install 'chatroom[offline]'"
+    )
+    assert not out.exists()
