@@ -223,12 +223,28 @@ class BlazePose:
         """COCO-18 keypoints of up to ``limit`` people, the first found first.
 
         After each person their region (the box around all 33 landmarks, padded) is
-        filled with the mean colour of the rest, and the model looks again.
+        filled with the mean colour of the rest, and the model looks again. In a
+        grey photo BlazePose's detector misses many people; when it finds nobody
+        there, it looks again at a histogram-equalised copy.
         """
         import numpy as np
 
-        pose = self._load()
         pixels = np.array(image.convert("RGB"))
+        people = self._search(pixels.copy(), limit)
+        grey = (pixels[..., 0] == pixels[..., 1]).all() and (
+            pixels[..., 1] == pixels[..., 2]
+        ).all()
+        if not people and grey:
+            from PIL import Image, ImageOps
+
+            equalised = ImageOps.equalize(Image.fromarray(pixels[..., 0]))
+            people = self._search(np.array(equalised.convert("RGB")), limit)
+        return people
+
+    def _search(self, pixels, limit: int) -> list[list[list[float]]]:
+        import numpy as np
+
+        pose = self._load()
         height, width = pixels.shape[:2]
         people: list[list[list[float]]] = []
         boxes: list[tuple[int, int, int, int]] = []
