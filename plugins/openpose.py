@@ -14,6 +14,7 @@ plugin's ``decide_pose`` judges them, as it judges BlazePose's.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -124,7 +125,13 @@ class OpenPoseBody:
         path = body_checkpoint(self.options.checkpoint, self.where)
         try:
             import torch  # noqa: F401
-            from controlnet_aux.open_pose.body import Body
+
+            # controlnet_aux imports all its detectors, which warn about timm's
+            # moved modules and re-registered models: nothing a user can act on.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                from controlnet_aux.open_pose.body import Body
         except ImportError as exc:
             raise MissingDependency(
                 exc.name or "controlnet_aux", EXTRA, self.where
