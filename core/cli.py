@@ -343,6 +343,7 @@ def report(
 ):
     """Write OUT/report/index.html and summary.json: funnel, scores, gallery."""
     from .report import build_report
+    from .report.load import load_run
 
     index = build_report(
         run_folder,
@@ -357,6 +358,13 @@ def report(
         quality_sample=sample,
     )
     click.echo(f"wrote {index}")
+    run = load_run(run_folder)
+    status = str(run.info.get("status", ""))
+    if status != "complete":
+        click.echo(
+            f"note: the run is {status or 'of unknown status'}; the report covers "
+            f"the {len(run.records)} records written so far"
+        )
     if open_browser:
         import webbrowser
 

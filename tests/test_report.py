@@ -151,6 +151,20 @@ def test_compare_shows_both_runs_and_what_differs(chatroom_run, few_refs, tmp_pa
     ]
 
 
+def test_a_report_of_an_unfinished_run_says_so(chatroom_run, few_refs, tmp_path):
+    _, out = chatroom_run(few_refs, count=3, stop_after="prompts")
+    result = CliRunner().invoke(main, ["report", str(out), "--no-map", "--no-quality"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: the run is stopped after prompts; the report covers the 0 records "
+        "written so far"
+    ) in result.output
+
+    _, done = chatroom_run(few_refs, count=2, output=tmp_path / "done")
+    result = CliRunner().invoke(main, ["report", str(done), "--no-map", "--no-quality"])
+    assert "note:" not in result.output
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2
