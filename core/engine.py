@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -52,17 +51,7 @@ from .runinfo import run_info
 log = logging.getLogger(__name__)
 
 STOP = object()
-RUN_FILES = (
-    "run.json",
-    "journal.sqlite",
-    "journal.sqlite-wal",
-    "journal.sqlite-shm",
-    "attributes.jsonl",
-    "prompts.jsonl",
-    "metadata.jsonl",
-    "rejected.jsonl",
-    "failures.jsonl",
-)
+RUN_FILES = store.RUN_FILES
 STAGE_NAMES = ("prompt", "generate", "filter", "annotate", "write")
 MAX_FAILURES_IN_A_ROW = 20
 POLL = 0.1  # seconds a thread waits on a queue before it checks for a stop
@@ -193,6 +182,9 @@ class Engine:
         self.references = {r.id: r for r in references}
         self.fingerprint = self.resolved.fingerprint([r.sha256 for r in references])
         self.out = self._prepare_output(Path(settings.output).expanduser())
+        journal_files = [self.out / n for n in RUN_FILES if n.startswith("journal")]
+        made = [p for p in journal_files if not p.exists()]
+        undo = False
         try:
             self.journal = jr.Journal(self.out / "journal.sqlite")
             try:
@@ -205,8 +197,17 @@ class Engine:
                         log.exception("closing %s failed", instance.name)
                 self.executor.close()
                 self.journal.close()
+        except BaseException:
+            # Refused before the run began (no run.json): leave the folder as it was.
+            undo = not (self.out / "run.json").exists()
+            if undo:
+                for path in made:
+                    path.unlink(missing_ok=True)
+            raise
         finally:
-            self._lock.close()
+            self._lock.close(remove=undo and self._lock.created)
+            if undo:
+                self._remove_made_folders()
 
     def _run_in_folder(self, references, ref_failures, started) -> RunSummary:
         for failure in ref_failures:
@@ -241,22 +242,46 @@ class Engine:
             raise InputError(
                 f"output folder {out} holds the references: choose another -o"
             )
+        # A folder that is refused is refused before anything is written in it.
+        if out.is_dir():
+            self._check_folder(out)
+        self._made_folder = next(
+            (p for p in reversed((out, *out.parents)) if not p.exists()), None
+        )
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / f"{store.TMP_PREFIX}probe"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
+            self._remove_made_folders(out)
             raise InputError(
                 f"output folder cannot be written: {out} ({exc.strerror})"
             ) from None
         self._lock = store.lock_folder(out)
         try:
-            self._check_folder(out)
+            self._check_folder(out)  # again: another run may have come in between
+            if self.fresh and (out / "run.json").exists():
+                self._wipe(out)  # the user asked to start afresh, same settings or not
         except BaseException:
-            self._lock.close()
+            self._lock.close(remove=self._lock.created)
+            self._remove_made_folders(out)
             raise
         return out
+
+    def _remove_made_folders(self, out: Path | None = None) -> None:
+        """Remove the output folder (and parents) this call made, if still empty."""
+        out = out or self.out
+        made = getattr(self, "_made_folder", None)
+        if made is None:
+            return
+        for folder in (out, *out.parents):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or gone: stop there
+                return
+            if folder == made:
+                return
 
     def _check_folder(self, out: Path) -> None:
         """Refuse a folder that holds another run or files of someone else's."""
@@ -275,7 +300,13 @@ class Engine:
                 [r.sha256 for r in self.references.values()]
             )
             if self.fresh:
-                self._wipe(out)  # the user asked to start afresh, same settings or not
+                foreign = next(store.foreign_files(out), None)
+                if foreign is not None:
+                    raise ResumeError(
+                        f"{out} holds files that no chatroom run wrote ({foreign}); "
+                        "--fresh deletes only a run's own files: move yours out, or "
+                        "choose another -o"
+                    )
             elif old.get("fingerprint") != self.fingerprint and (
                 changed or old.get("inputs") != inputs
             ):
@@ -306,13 +337,20 @@ class Engine:
 
     def _wipe(self, out: Path) -> None:
         """Remove what an earlier run wrote (and nothing else)."""
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in (*store.DATA_DIRS, "report"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        store.wipe_run(out)
 
     def _reconcile(self) -> None:
-        """Make the folder agree with the journal after a crash."""
+        """Make the folder agree with the journal after a crash or a hand edit."""
+        # A record whose files were deleted by hand is made again, same id and seed.
+        for index, item_id, files in self.journal.written_files():
+            missing = [f for f in files if not (self.out / f).is_file()]
+            if missing:
+                log.warning(
+                    "record %s: %s is missing; making the item again (same seed)",
+                    item_id,
+                    missing[0],
+                )
+                self.journal.reopen(index)
         removed = store.remove_orphans(self.out, self.journal.files())
         if removed:
             log.info("removed %d files no record owns", len(removed))

@@ -117,6 +117,20 @@ class Journal:
             ).fetchall()
         return {f for (files,) in rows for f in json.loads(files or "[]")}
 
+    def written_files(self) -> list[tuple[int, str, list[str]]]:
+        """(index, item id, files) of every written record, in index order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT idx, item_id, files FROM items WHERE status=? ORDER BY idx",
+                (WRITTEN,),
+            ).fetchall()
+        return [(idx, item, json.loads(files or "[]")) for idx, item, files in rows]
+
+    def reopen(self, index: int) -> None:
+        """Forget an item's outcome so that the run processes it again."""
+        with self._lock:
+            self._db.execute("DELETE FROM items WHERE idx=?", (index,))
+
     # --- failures and cache ------------------------------------------------------
 
     def add_failure(self, body: dict) -> None:

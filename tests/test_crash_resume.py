@@ -130,3 +130,21 @@ def test_killed_twice_in_a_row(tmp_path, few_refs):
     assert drive(tmp_path, few_refs, out, 6, "image-placed", 2).returncode == -9
     assert drive(tmp_path, few_refs, out, 6).returncode == 0
     check_folder(out, 6)
+
+
+def test_a_users_files_in_the_data_folders_survive_a_kill_and_resume(
+    tmp_path, few_refs
+):
+    out = tmp_path / "out"
+    assert drive(tmp_path, few_refs, out, 6, "image-placed", 2).returncode == -9
+    users = {"images/keep.txt": b"notes", "masks/mine/hand_mask.png": b"a mask"}
+    for rel, data in users.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+
+    assert drive(tmp_path, few_refs, out, 6).returncode == 0
+
+    for rel, data in users.items():
+        assert (out / rel).read_bytes() == data
+        (out / rel).unlink()
+    check_folder(out, 6)  # and the killed write's half-placed image is gone
