@@ -39,7 +39,7 @@ import logging
 import time
 from pathlib import Path
 
-from .errors import MissingDependency
+from .errors import InputError, MissingDependency
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,13 @@ ESRGAN_FILE = "RealESRGAN_x4plus-smoke.safetensors"
 def write_smoke_models(directory: str | Path) -> Path:
     """Write the tiny models and ``smoke.toml`` into ``directory``; return it."""
     directory = Path(directory).expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    check_smoke_config(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"smoke-models: cannot make the folder {directory}: {exc.strerror or exc}"
+        ) from None
     try:
         import torch
     except ImportError:
@@ -635,8 +641,40 @@ def write_clip_and_nima(directory: Path) -> None:
 # --- the run config --------------------------------------------------------------
 
 
+def check_smoke_config(directory: Path) -> None:
+    """Refuse a ``directory`` that is a file, or whose ``smoke.toml`` someone else
+    wrote: only a config that starts with this module's header line (or is the
+    same text) may be replaced."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(
+            f"smoke-models: {directory} is a file, not a folder; give a folder to "
+            "write the smoke models into"
+        )
+    path = directory / "smoke.toml"
+    if not path.exists():
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    ours = smoke_config(directory)
+    if text != ours and text.partition("\n")[0] != ours.partition("\n")[0]:
+        raise InputError(
+            f"smoke-models: {path} exists and was not written by smoke-models; "
+            "move it away or give another folder"
+        )
+
+
 def write_config(directory: Path) -> Path:
     """``smoke.toml``: every local backend pointed at the tiny models."""
+    path = directory / "smoke.toml"
+    path.write_text(smoke_config(directory), encoding="utf-8")
+    return path
+
+
+def smoke_config(directory: Path) -> str:
+    """The text of ``smoke.toml`` for models in ``directory``."""
     sd15 = (directory / "sd15").as_posix()
     esrgan = (directory / "esrgan" / ESRGAN_FILE).as_posix()
     blip2 = (directory / "blip2").as_posix()
@@ -734,6 +772,4 @@ mode = "observe"
 device = "cpu"
 flip = false  # halves the full-size network's time on the CPU
 """
-    path = directory / "smoke.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return text

@@ -21,6 +21,7 @@ The CLIP model is a local folder (``CLIPModel.from_pretrained``), never a Hub id
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -104,18 +105,41 @@ def _from_laion_names(state: dict) -> dict:
     return renamed
 
 
-def load_head(path: str | Path):
-    """An ``NsfwHead`` with the weights of a head file, in eval mode."""
+def _unreadable(exc: Exception) -> str:
+    """Why a file did not read as weights, in a few words. A file that is no
+    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
+    its message advises loading unsafely: neither is worth showing."""
+    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
+        return "torch.load cannot unpickle it"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def load_head(path: str | Path, who: str = "clip_nsfw: head"):
+    """An ``NsfwHead`` with the weights of a head file, in eval mode.
+
+    ``who`` names the setting the path came from in errors."""
     torch = _torch()
     path = Path(path).expanduser()
+    convert = "convert Keras weights with chatroom.plugins.clip_nsfw.convert_keras_head"
     if not path.is_file():
-        raise ConfigError(f"clip_nsfw: head weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise ConfigError(f"{who} {path}: head weights not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # text, HTML, a cut-off download: all unreadable
+        raise ConfigError(
+            f"{who} {path} is not an NSFW head ({_unreadable(exc)}); {convert}"
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"{who} {path} is not an NSFW head (it holds a {type(state).__name__}, "
+            f"not a state dict); {convert}"
+        )
     state = _from_laion_names(state)
     try:
         head = nsfw_head(_widths(state))
@@ -123,12 +147,11 @@ def load_head(path: str | Path):
     except (ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(
-            f"clip_nsfw: {path} is not an NSFW head ({first}); convert Keras "
-            "weights with chatroom.plugins.clip_nsfw.convert_keras_head"
+            f"{who} {path} is not an NSFW head ({first}); {convert}"
         ) from None
     if head.widths[-1] != 1:
         raise ConfigError(
-            f"clip_nsfw: {path} has {head.widths[-1]} outputs; the detector has one"
+            f"{who} {path} has {head.widths[-1]} outputs; the detector has one"
         )
     return head.eval()
 
@@ -277,7 +300,7 @@ class ClipNsfwFilter(Filter):
 
     def __init__(self, options, context):
         super().__init__(options, context)
-        self.head = load_head(options.head)
+        self.head = load_head(options.head, f"filters ({self.name}): option 'head' =")
         # Fail closed: a head built for another CLIP would judge garbage.
         dim = projection_dim(options.model)
         if dim != self.head.input_size:

@@ -136,8 +136,22 @@ class DepthMap(Annotator):
         """A local folder, or a Hub id whose config is in the local cache."""
         model = self.options.model
         path = Path(model).expanduser()
+        expected = (
+            "expected a transformers depth-estimation folder (config.json, "
+            "preprocessor_config.json and the weights) or a Hub id in the local cache"
+        )
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ConfigError(
+                f"annotators ({self.name}): option 'model' = {model!r} is a folder "
+                f"without config.json; {expected}"
+            )
         if path.is_dir():
             return str(path)
+        if path.is_file():
+            raise ConfigError(
+                f"annotators ({self.name}): option 'model' = {model!r} is a file, "
+                f"not a folder; {expected}"
+            )
         if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
             raise ConfigError(
                 f"annotators ({self.name}): model folder {model!r} does not exist"
@@ -174,10 +188,12 @@ class DepthMap(Annotator):
             model = AutoModelForDepthEstimation.from_pretrained(
                 self._source, local_files_only=local
             )
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a garbled config or weights: the setting is wrong
+            lines = str(exc).strip().splitlines()
+            why = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
             raise ConfigError(
-                f"annotators ({self.name}): cannot load depth model "
-                f"{self._source!r}: {str(exc).splitlines()[0]}"
+                f"annotators ({self.name}): option 'model' = {self._source!r}: "
+                f"cannot load depth model ({why})"
             ) from None
         model.to(device=device, dtype=getattr(torch, dtype))
         model.eval()

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from chatroom.components import Context, Generator, Options
-from chatroom.errors import ConfigError, MissingDependency
+from chatroom.errors import ChatroomError, ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Candidate, GenerationSettings, HiresSettings, PromptSpec
 
@@ -314,6 +314,7 @@ class DiffusersGenerator(Generator):
                 "generator (diffusers): set generator.model to a checkpoint path, "
                 "e.g. a diffusers folder or majicmixRealistic_v6.safetensors"
             )
+        _check_local_model(options.model)
         hires = options.hires
         if hires.enabled and not (0 < hires.denoise <= 1 and hires.scale > 0):
             raise ConfigError(
@@ -416,25 +417,30 @@ class DiffusersGenerator(Generator):
         if path.is_dir():
             # None prefers .safetensors and falls back to pickled weights.
             safe = None if self.options.allow_pickle else True
+            _check_local_model(str(path))
             try:
                 pipe = pipeline_cls.from_pretrained(
                     str(path), use_safetensors=safe, **common
                 )
-            except OSError as exc:
-                if safe and "safetensors" in str(exc).lower():
+            except Exception as exc:  # any unloadable folder is a setting to fix
+                if isinstance(exc, OSError) and safe and "safetensors" in str(exc):
                     raise self._pickle_error(path) from None
-                raise
+                raise ConfigError(
+                    f"generator (diffusers): generator.model {str(path)!r} does not "
+                    f"load as a diffusers folder: {_first_line(exc)}"
+                ) from None
         elif path.is_file():
+            _check_local_model(str(path))
             if path.suffix.lower() in PICKLED and not self.options.allow_pickle:
                 raise self._pickle_error(path)
             config = self._single_file_config(path)
             try:
                 pipe = pipeline_cls.from_single_file(str(path), config=config, **common)
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # a corrupt or foreign file: the setting is wrong
                 raise ConfigError(
-                    f"generator (diffusers): cannot load {path.name} as an "
-                    f"{'SDXL' if self._sdxl else 'SD 1.x'} checkpoint with the "
-                    f"configs in {config}: {exc}"
+                    f"generator (diffusers): cannot load {path.name} "
+                    f"(generator.model) as an {'SDXL' if self._sdxl else 'SD 1.x'} "
+                    f"checkpoint with the configs in {config}: {_first_line(exc)}"
                 ) from None
         else:
             raise ConfigError(
@@ -472,7 +478,16 @@ class DiffusersGenerator(Generator):
                 dtype=dtype,
                 option="generator.upscaler_model",
             )
-            self._upscaler.load()
+            try:
+                self._upscaler.load()
+            except ChatroomError:
+                raise
+            except Exception as exc:  # an unreadable weights file
+                raise ConfigError(
+                    "generator (diffusers): generator.upscaler_model "
+                    f"{self.options.upscaler_model!r} is not an upscaler's weights "
+                    f"file: {_first_line(exc)}"
+                ) from None
         log.info(
             "loaded %s on %s (%s) in %.1f s",
             path,
@@ -856,6 +871,33 @@ def _bad_images(pixels) -> dict[int, str]:
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+EXPECTED_MODEL = (
+    "expected a diffusers folder with model_index.json, a single-file .safetensors "
+    "(or .ckpt) checkpoint, or a Hub id (org/name) in the local Hugging Face cache"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _check_local_model(model: str) -> None:
+    """Refuse an existing local path that cannot be a model, before any work."""
+    if civitai.parse_ref(model) is not None:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"generator (diffusers): generator.model {str(path)!r} is a folder "
+            f"without model_index.json; {EXPECTED_MODEL}"
+        )
+    if path.is_file() and path.suffix.lower() not in (*PICKLED, ".safetensors"):
+        raise ConfigError(
+            f"generator (diffusers): generator.model {str(path)!r} is no model "
+            f"checkpoint; {EXPECTED_MODEL}"
+        )
 
 
 def resolve_model(options: DiffusersOptions) -> Path:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -529,6 +530,16 @@ def network_class():
 # --- loading -------------------------------------------------------------------------
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why a file did not read as weights, in a few words. A file that is no
+    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
+    its message advises loading unsafely: neither is worth showing."""
+    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
+        return "torch.load cannot unpickle it"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def checkpoint_path(value: str, where: str) -> Path:
     """The checkpoint file ``value`` names (the file, or a folder holding it)."""
     hint = (
@@ -567,9 +578,9 @@ def load_network(path: Path, where: str, device: str = "cpu"):
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is the same problem to the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(
-            f"{where}: cannot read checkpoint {str(path)!r}: {first}"
+            f"{where}: option 'checkpoint' = {str(path)!r} is not a torch checkpoint "
+            f"({_unreadable(exc)}); expected Graphonomy's {CHECKPOINT_FILE}"
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: checkpoint {str(path)!r} holds no state dict")

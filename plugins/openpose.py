@@ -14,6 +14,7 @@ plugin's ``decide_pose`` judges them, as it judges BlazePose's.
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,16 @@ def people_from_arrays(
 # --- the model -------------------------------------------------------------------
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why a file did not read as weights, in a few words. A file that is no
+    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
+    its message advises loading unsafely: neither is worth showing."""
+    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
+        return "torch.load cannot unpickle it"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def body_checkpoint(value: str, where: str) -> Path:
     """The body model file that ``value`` names (the file, or a folder holding it)."""
     hint = (
@@ -139,19 +150,24 @@ class OpenPoseBody:
         try:
             body = Body(str(path))
         except KeyError as exc:
-            raise ConfigError(
-                f"{self.where}: checkpoint {str(path)!r} is not OpenPose's body "
-                f"model: it has no {exc.args[0]!r}"
-            ) from None
-        except (RuntimeError, OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ConfigError(
-                f"{self.where}: cannot load checkpoint {str(path)!r}: {first}"
-            ) from None
+            if exc.args and isinstance(exc.args[0], str):  # a layer's name
+                raise ConfigError(
+                    f"{self.where}: checkpoint {str(path)!r} is not OpenPose's body "
+                    f"model: it has no {exc.args[0]!r}"
+                ) from None
+            raise self._unreadable(path, exc) from None  # the unpickler's own
+        except Exception as exc:  # text, HTML, a cut-off download: all unreadable
+            raise self._unreadable(path, exc) from None
         body.to(self._device())
         self._body, self.path = body, path
         log.info("loaded OpenPose body model %s on %s", path, self._device())
         return body
+
+    def _unreadable(self, path: Path, exc: Exception) -> ConfigError:
+        return ConfigError(
+            f"{self.where}: option 'checkpoint' = {str(path)!r} is not a torch "
+            f"checkpoint ({_unreadable(exc)}); expected OpenPose's {BODY_FILE}"
+        )
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:
         """The size the model looks at: the shorter side at most detect_resolution."""

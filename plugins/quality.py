@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +40,10 @@ METRICS = ("nima", "brisque")
 DEFAULT_THRESHOLDS = {"nima": 4.0, "brisque": 80.0}
 DEFAULT_BACKBONE = "inception_resnet_v2"
 SMOKE_NIMA_FILE = "nima-smoke.safetensors"
+NIMA_FILES = (
+    "expected pyiqa's NIMA .pth or a .safetensors file with 'base_model' and "
+    "'num_classes' in its metadata"
+)
 
 
 # --- NIMA ------------------------------------------------------------------------
@@ -98,29 +103,60 @@ def nima_network(base_model: str, num_classes: int = 10):
     return Nima()
 
 
-def _read_checkpoint(path: Path) -> tuple[dict, dict[str, str]]:
-    """The state dict and the metadata (safetensors only) of a NIMA checkpoint."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+def _unreadable(exc: Exception) -> str:
+    """Why a file did not read as weights, in a few words. A file that is no
+    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
+    its message advises loading unsafely: neither is worth showing."""
+    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
+        return "torch.load cannot unpickle it"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            return {key: fh.get_tensor(key) for key in fh.keys()}, meta
-    import torch
 
-    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+def _read_checkpoint(path: Path, who: str) -> tuple[dict, dict[str, str]]:
+    """The state dict and the metadata (safetensors only) of a NIMA checkpoint.
+
+    ``who`` names the setting in errors, e.g. ``--nima``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+                return {key: fh.get_tensor(key) for key in fh.keys()}, meta
+        import torch
+
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except ImportError as exc:
+        raise MissingDependency(exc.name or "torch", EXTRA, "quality") from None
+    except Exception as exc:  # text, HTML, a cut-off download: all unreadable
+        raise ConfigError(
+            f"{who} {path} is not a NIMA checkpoint ({_unreadable(exc)}); {NIMA_FILES}"
+        ) from None
     if isinstance(loaded, dict) and "params" in loaded:
         loaded = loaded["params"]
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{who} {path} is not a NIMA checkpoint: it holds a "
+            f"{type(loaded).__name__}, not a state dict; {NIMA_FILES}"
+        )
     return loaded, {}
 
 
 @functools.lru_cache(maxsize=2)
-def load_nima(weights: str, device: str = "cpu", base_model: str = DEFAULT_BACKBONE):
-    """A NIMA network with the weights of a local checkpoint, in eval mode."""
+def load_nima(
+    weights: str,
+    device: str = "cpu",
+    base_model: str = DEFAULT_BACKBONE,
+    who: str = "quality: NIMA weights",
+):
+    """A NIMA network with the weights of a local checkpoint, in eval mode.
+
+    ``who`` names the setting the path came from in errors."""
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ConfigError(f"quality: NIMA weights not found: {path}")
-    state, meta = _read_checkpoint(path)
+        raise ConfigError(f"{who} {path}: no such file")
+    state, meta = _read_checkpoint(path, who)
     base_model = meta.get("base_model", base_model)
     num_classes = int(meta.get("num_classes", 10))
     network = nima_network(base_model, num_classes)
@@ -129,14 +165,18 @@ def load_nima(weights: str, device: str = "cpu", base_model: str = DEFAULT_BACKB
     except RuntimeError as exc:
         first = str(exc).splitlines()[1 if "\n" in str(exc) else 0].strip()
         raise ConfigError(
-            f"quality: {path} is not a NIMA checkpoint for backbone '{base_model}' "
+            f"{who} {path} is not a NIMA checkpoint for backbone '{base_model}' "
             f"({first})"
         ) from None
     return network.eval().to(device)
 
 
 def _nima_scores(
-    images, weights: str | None, device: str, base_model: str = DEFAULT_BACKBONE
+    images,
+    weights: str | None,
+    device: str,
+    base_model: str = DEFAULT_BACKBONE,
+    who: str = "quality: NIMA weights",
 ) -> list[float]:
     if not weights:
         raise ConfigError(
@@ -145,7 +185,7 @@ def _nima_scores(
     import numpy as np
     import torch
 
-    network = load_nima(str(weights), device, base_model)
+    network = load_nima(str(weights), device, base_model, who)
     scores = []
     with torch.inference_mode():
         for image in images:
@@ -190,12 +230,17 @@ def _brisque_scores(images) -> list[float]:
 
 
 def score_images(
-    images: list, metric: str, weights: str | None = None, device: str = "cpu"
+    images: list,
+    metric: str,
+    weights: str | None = None,
+    device: str = "cpu",
+    who: str = "quality: NIMA weights",
 ) -> list[float]:
     """One quality score per image: NIMA (1-10, higher is better) or BRISQUE
-    (lower is better). An image BRISQUE cannot score gets NaN."""
+    (lower is better). An image BRISQUE cannot score gets NaN. ``who`` names the
+    setting ``weights`` came from (e.g. ``--nima``) in errors."""
     if metric == "nima":
-        return _nima_scores(images, weights, device)
+        return _nima_scores(images, weights, device, who=who)
     if metric == "brisque":
         return _brisque_scores(images)
     raise ConfigError(
@@ -263,7 +308,11 @@ class QualityFilter(Filter):
         options = self.options
         if options.metric == "nima":
             return _nima_scores(
-                images, options.weights, options.device, options.base_model
+                images,
+                options.weights,
+                options.device,
+                options.base_model,
+                who="filters (quality): option 'weights' =",
             )
         return _brisque_scores(images)
 

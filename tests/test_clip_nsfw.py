@@ -88,6 +88,35 @@ def test_not_a_head_is_a_config_error(smoke_dir, tmp_path):
         build(smoke_dir, two_outputs)
 
 
+@pytest.mark.parametrize("name", ["fake.pth", "fake.safetensors"])
+def test_a_text_file_as_head_is_one_config_error(smoke_dir, tmp_path, name):
+    fake = tmp_path / name
+    fake.write_text("not a checkpoint\n")
+    with pytest.raises(ConfigError) as err:
+        build(smoke_dir, fake)
+    message = str(err.value)
+    assert "\n" not in message and "is not an NSFW head" in message
+    assert "filters (clip_nsfw): option 'head'" in message and str(fake) in message
+
+
+def test_doctor_names_a_head_that_is_no_checkpoint(smoke_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from chatroom.cli import main
+
+    fake = tmp_path / "fake.pth"
+    fake.write_text("not a checkpoint\n")
+    args = ["doctor", "-c", str(smoke_dir / "smoke.toml")]
+    result = CliRunner().invoke(
+        main, [*args, "--set", f'filters.clip_nsfw.head="{fake}"']
+    )
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and "KeyError" not in result.output
+    said = "".join(result.output.split())  # the table wraps long messages
+    assert "option'head'" in said and "".join(str(fake).split()) in said
+    assert "isnotanNSFWhead" in said
+
+
 def test_laion_torch_port_names_load(tmp_path):
     """LAION's .pth ports name the layers linear_1..n beside norm.mean/variance."""
     widths = LAION_HEADS["ViT-B/32"]

@@ -223,6 +223,18 @@ def test_a_missing_checkpoint_says_which_file_to_provide(tmp_path):
         assert message.startswith("annotators (graphonomy)")
 
 
+def test_a_text_file_as_checkpoint_is_named_unreadable(tmp_path):
+    path = tmp_path / CHECKPOINT_FILE
+    path.write_text("not a checkpoint\n")
+    component = annotator(str(path))
+    with pytest.raises(ConfigError) as err:
+        component.annotate([candidate(Image.new("RGB", (8, 8)))], [[]])
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert message.startswith("annotators (graphonomy): option 'checkpoint'")
+    assert "not a torch checkpoint" in message
+
+
 def test_options_name_unknown_labels():
     with pytest.raises(ConfigError, match="upper_clothes"):
         validate_options(

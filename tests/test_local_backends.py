@@ -577,6 +577,119 @@ def test_single_file_without_config_fails_fast(smoke_dir, tmp_path):
         gen.load()
 
 
+def test_a_folder_of_photos_as_model_is_one_config_error(smoke_dir, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "beach.jpg")
+    with pytest.raises(ConfigError) as err:
+        make_generator(smoke_dir, model=str(photos))
+    message = str(err.value)
+    assert "\n" not in message and str(photos) in message
+    assert "generator.model" in message and "model_index.json" in message
+    assert ".safetensors" in message and "Hub id" in message
+
+
+def test_a_file_that_is_no_checkpoint_is_one_config_error(smoke_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
+    with pytest.raises(ConfigError, match="generator.model"):
+        make_generator(smoke_dir, model=str(notes))
+
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("not a model\n")
+    gen = make_generator(smoke_dir, model=str(fake), config=str(smoke_dir / "sd15"))
+    with pytest.raises(ConfigError) as err:
+        gen.load()
+    message = str(err.value)
+    assert "\n" not in message and "generator.model" in message and "fake" in message
+
+
+@pytest.mark.parametrize("damage", ["no unet", "garbled index"])
+def test_a_broken_diffusers_folder_fails_as_config_when_it_loads(
+    smoke_dir, tmp_path, damage
+):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(smoke_dir / "sd15", folder)
+    if damage == "no unet":
+        shutil.rmtree(folder / "unet")
+    else:
+        (folder / "model_index.json").write_text("{not json")
+    with pytest.raises(ConfigError) as err:
+        make_generator(smoke_dir, model=str(folder)).load()
+    message = str(err.value)
+    assert "\n" not in message and "generator.model" in message
+    assert str(folder) in message
+
+
+def test_an_upscaler_file_that_is_text_is_a_config_error(smoke_dir, tmp_path):
+    fake = tmp_path / "RealESRGAN_x4plus.safetensors"
+    fake.write_text("not a model\n")
+    gen = make_generator(
+        smoke_dir,
+        hires={"enabled": True, "upscaler": "R-ESRGAN 4x+", "scale": 2.0},
+        upscaler_model=str(fake),
+    )
+    with pytest.raises(ConfigError) as err:
+        gen.load()
+    assert "generator.upscaler_model" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_run_with_a_broken_model_stops_with_one_line(smoke_dir, few_refs, tmp_path):
+    """Found only when the pipeline loads, the bad model still stops the run: no
+    candidate is marked failed and no "raise max_candidates" advice is given."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from chatroom.cli import main
+
+    folder = tmp_path / "broken"
+    shutil.copytree(smoke_dir / "sd15", folder)
+    shutil.rmtree(folder / "unet")
+    out = tmp_path / "out"
+    args = ["run", "-c", str(smoke_dir / "smoke.toml"), "--no-extraction"]
+    args += ["--references", str(few_refs)]
+    args += ["-n", "2", "--max-candidates", "3", "-o", str(out)]
+    args += ["--set", f'generator.model="{folder}"']
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code not in (0, 3), result.output
+    assert "generator.model" in result.output and "Traceback" not in result.output
+    assert "max_candidates" not in result.output
+    failures = out / "failures.jsonl"
+    assert not failures.exists() or not failures.read_text().strip()
+
+
+def test_a_depth_model_that_cannot_load_is_one_config_error(smoke_dir, tmp_path):
+    import shutil
+
+    from chatroom.plugins.control_maps import DepthMap
+
+    def load(model):
+        raw = {"model": str(model), "device": "cpu"}
+        options = validate_options(DepthMap, "annotators.depth_map", raw)
+        return DepthMap(options, Context(domain=None))._load()
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    text = tmp_path / "depth.pth"
+    text.write_text("not a model\n")
+    garbled = tmp_path / "garbled"
+    shutil.copytree(smoke_dir / "depth", garbled)
+    for weights in garbled.glob("*.safetensors"):
+        weights.write_text("not a model\n")
+    for model, what in ((photos, "config.json"), (text, "not a folder")):
+        with pytest.raises(ConfigError) as err:
+            load(model)
+        message = str(err.value)
+        assert "option 'model'" in message and str(model) in message
+        assert what in message and "\n" not in message
+    with pytest.raises(ConfigError, match="cannot load depth model"):
+        load(garbled)
+
+
 def test_hires_size_rounds_to_multiples_of_8():
     assert hires_size(64, 96, 1.5) == (96, 144)
     assert hires_size(512, 768, 2.0) == (1024, 1536)

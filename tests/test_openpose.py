@@ -239,6 +239,20 @@ def test_a_checkpoint_of_another_model_is_named(tmp_path):
         model.load()
 
 
+def test_a_text_file_as_checkpoint_is_named_unreadable(tmp_path):
+    path = tmp_path / BODY_FILE
+    path.write_text("not a checkpoint\n")
+    model = OpenPoseBody(
+        "filters (openpose)", OpenPoseFilter.Options(checkpoint=str(path))
+    )
+    with pytest.raises(ConfigError) as err:
+        model.load()
+    message = str(err.value)
+    assert "\n" not in message and "it has no" not in message
+    assert message.startswith("filters (openpose): option 'checkpoint'")
+    assert str(path) in message and "not a torch checkpoint" in message
+
+
 def test_options_check_joint_names():
     with pytest.raises(ConfigError, match="hipps"):
         validate_options(

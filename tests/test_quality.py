@@ -69,6 +69,19 @@ def test_nima_needs_local_weights(tmp_path):
         build(metric="nima", weights=str(tmp_path / "missing.pth"))
 
 
+@pytest.mark.parametrize("name", ["fake.pth", "fake.safetensors"])
+def test_a_text_file_as_weights_is_one_config_error_even_observing(tmp_path, name):
+    pytest.importorskip("timm")
+    fake = tmp_path / name
+    fake.write_text("not a checkpoint\n")
+    quality = build(metric="nima", weights=str(fake))
+    with pytest.raises(ConfigError) as err:
+        quality.check(candidates(photos(STREET[:1])))
+    message = str(err.value)
+    assert "\n" not in message and "is not a NIMA checkpoint" in message
+    assert "filters (quality): option 'weights'" in message and str(fake) in message
+
+
 def test_unknown_metric_is_refused():
     with pytest.raises(ConfigError, match="metric"):
         build(metric="musiq")

@@ -384,6 +384,18 @@ def test_nima_scores_references_runs_and_baselines(blank_run_dir, few_refs, tmp_
     assert "nima: mean" in section and "baseline: deepfashion" in section
 
 
+@pytest.mark.parametrize("name", ["fake.pth", "fake.safetensors"])
+def test_nima_weights_that_are_text_are_one_clear_error(blank_run_dir, tmp_path, name):
+    pytest.importorskip("timm", reason="the quality extra is missing")
+    fake = tmp_path / name
+    fake.write_text("not a checkpoint\n")
+    args = ["report", str(blank_run_dir), "--nima", str(fake), "--no-map"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert f"--nima {fake} is not a NIMA checkpoint" in " ".join(result.output.split())
+
+
 def test_without_weights_nima_says_what_it_needs(blank_run_dir):
     build_report(blank_run_dir, embeddings=False)
     summary = json.loads((blank_run_dir / "report" / "summary.json").read_text())

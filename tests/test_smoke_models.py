@@ -261,3 +261,53 @@ def test_openpose_and_graphonomy_sections_point_at_their_checkpoints(smoke_dir):
         options = {k: v for k, v in raw.items() if k not in GENERIC_KEYS}
         validated = validate_options(component, component.stage, options)
         assert (Path(validated.checkpoint) / file).is_file()
+
+
+# --- where the smoke models go ---------------------------------------------------
+
+
+def _smoke_models_cli(target):
+    from click.testing import CliRunner
+
+    from chatroom.cli import main
+
+    return CliRunner().invoke(main, ["smoke-models", str(target)])
+
+
+def test_a_file_given_as_the_folder_is_one_line(tmp_path):
+    target = tmp_path / "models.txt"
+    target.write_text("mine\n")
+    result = _smoke_models_cli(target)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    assert str(target) in result.output and "not a folder" in result.output
+    assert target.read_text() == "mine\n"
+
+
+def test_a_smoke_toml_the_user_wrote_is_never_overwritten(tmp_path):
+    mine = tmp_path / "smoke.toml"
+    mine.write_text('[generator]\nuse = "webui"\n')
+    result = _smoke_models_cli(tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    assert str(mine) in result.output and "smoke-models" in result.output
+    assert mine.read_text() == '[generator]\nuse = "webui"\n'
+    assert not (tmp_path / "sd15").exists()  # refused before any model is written
+
+
+def test_its_own_smoke_toml_is_rewritten(tmp_path, smoke_dir):
+    from chatroom.errors import InputError
+    from chatroom.smoke import check_smoke_config, smoke_config
+
+    ours = smoke_config(tmp_path)
+    path = tmp_path / "smoke.toml"
+    path.write_text(ours, encoding="utf-8")
+    check_smoke_config(tmp_path)  # identical
+    first, _, rest = ours.partition("\n")
+    path.write_text(f"{first}\n# an older version\n{rest[:200]}", encoding="utf-8")
+    check_smoke_config(tmp_path)  # written by smoke-models, edited since
+    path.write_text(f"# my notes\n{ours}", encoding="utf-8")
+    with pytest.raises(InputError, match="not written by"):
+        check_smoke_config(tmp_path)
+    # the session's smoke models were written over nothing, and their config is ours
+    check_smoke_config(smoke_dir)

@@ -159,7 +159,7 @@ def _nima_all(weights: Path, paths: list[Path], chunk: int = 16) -> list[float]:
     for start in range(0, len(paths), chunk):
         images, _ = _images(paths[start : start + chunk])
         if images:
-            got = score_images(images, "nima", weights=str(weights))
+            got = score_images(images, "nima", weights=str(weights), who="--nima")
             scores += [v for v in got if np.isfinite(v)]
     return scores
 
