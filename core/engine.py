@@ -462,6 +462,16 @@ class Engine:
                 f"{self.settings.count} records passed ({why}); raise max_candidates "
                 "and run the same command again to continue"
             )
+            if failed and failed == attempted:
+                # Nothing passed or was rejected: more budget would fail the same way.
+                reasons: dict[str, int] = {}
+                for row in self.journal.records(jr.FAILED):
+                    reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+                common = max(reasons, key=reasons.get)
+                message = (
+                    f"every one of the {failed} candidates failed, {reasons[common]} "
+                    f"with: {common}; see failures.jsonl"
+                )
         return RunSummary(
             output=str(self.out),
             status=status,

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from chatroom.components import Filter
 from chatroom.errors import ChatroomError, ResumeError
+from chatroom.hookspecs import hookimpl
 from chatroom.plugins.template_prompter import clean_value
 from chatroom.testing import FakeGenerator
 
@@ -379,3 +381,31 @@ def test_fresh_starts_afresh_with_the_same_settings(chatroom_run, few_refs):
 
     assert summary.written == 2 and len(FakeGenerator.calls) == 2
     assert not (out / "report").exists()
+
+
+class Broken(Filter):
+    name = "broken"
+    description = "raises on every batch"
+
+    def check(self, candidates):
+        raise ValueError("boom")
+
+
+class OffersBroken:
+    @hookimpl
+    def register_filters(self, register):
+        register(Broken)
+
+
+def test_when_every_candidate_fails_the_summary_says_so_not_raise_the_budget(
+    chatroom_run, chatroom_plugins, few_refs
+):
+    chatroom_plugins.register(OffersBroken(), name="broken")
+    summary, _ = chatroom_run(
+        few_refs, count=2, overrides=['filters.b.use="broken"', "max_candidates=4"]
+    )
+    assert summary.status == "budget exhausted" and summary.failed == 4
+    assert summary.message == (
+        "every one of the 4 candidates failed, 4 with: ValueError: boom; "
+        "see failures.jsonl"
+    )
