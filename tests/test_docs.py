@@ -67,3 +67,19 @@ def test_the_main_job_installs_what_the_smoke_config_runs(smoke_dir):
     }
     missing = {extra: who for extra, who in needed.items() if extra not in installed}
     assert not missing, f"the README's main job does not install {missing}"
+
+
+def test_the_readme_config_for_the_papers_models_turns_them_all_on(tmp_path):
+    from chatroom.manager import Plugins
+    from chatroom.resolve import Request, resolve
+
+    readme = (ROOT / "README.md").read_text()
+    config = tmp_path / "my.toml"
+    config.write_text(re.search(r"```toml\n(# my\.toml.*?)```", readme, re.S)[1])
+    request = Request(
+        config_path=str(config), flags={"domain": "fashion", "references": str(ROOT)}
+    )
+    components = resolve(request, Plugins()).components
+    used = {spec.cls.name for specs in components.values() for spec in specs}
+    paper = {"blip2", "clip_nsfw", "openpose", "openpose_keypoints", "graphonomy"}
+    assert paper | {"quality", "blip2_captions"} <= used
