@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from . import journal as jr
 from . import store
 from .components import Component, Context, ItemFailed
@@ -541,11 +543,22 @@ class Engine:
                 continue
             try:
                 spec = PromptSpec.model_validate(json.loads(line))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"]) or "row"
+                raise InputError(
+                    f"{path}:{number}: not a prompt row: {field}: {err['msg']}"
+                ) from None
             except ValueError as exc:
                 first = str(exc).splitlines()[0]
                 raise InputError(
                     f"{path}:{number}: not a prompt row: {first}"
                 ) from None
+            if not spec.prompt.strip():
+                raise InputError(
+                    f"{path}:{number}: the prompt of index {spec.index} is empty; "
+                    "write one, or delete the row to have it written again"
+                )
             if spec.index in prompts:
                 raise InputError(
                     f"{path}:{number}: index {spec.index} appears twice; keep one row "

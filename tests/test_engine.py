@@ -163,6 +163,26 @@ def test_stop_after_prompts_then_edit_then_run_on(chatroom_run, few_refs):
     assert record["prompt_writer"] == "template (edited)"
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("  ", "prompts.jsonl:2: the prompt of index 1 is empty"),
+        (
+            7,
+            "prompts.jsonl:2: not a prompt row: prompt: Input should be a valid string",
+        ),
+    ],
+)
+def test_a_bad_hand_edit_names_its_line(chatroom_run, few_refs, value, message):
+    _, out = chatroom_run(few_refs, count=3, stop_after="prompts")
+    prompts = rows(out / "prompts.jsonl")
+    prompts[1]["prompt"] = value
+    (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+
+    with pytest.raises(ChatroomError, match=message):
+        chatroom_run(few_refs, count=3)
+
+
 def test_stop_after_attributes_then_edit_the_bank(chatroom_run, few_refs):
     _, out = chatroom_run(few_refs, count=2, stop_after="attributes")
     bank = rows(out / "attributes.jsonl")
