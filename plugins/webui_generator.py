@@ -52,6 +52,8 @@ from . import remote
 
 log = logging.getLogger(__name__)
 
+JOBS_PER_SERVER = 3  # items a batch hands each server, see WebUIOptions.batch_size
+
 WHO = "generator (webui)"
 API = "/sdapi/v1"
 AUTOMATIC = "automatic"
@@ -124,8 +126,13 @@ class WebUIOptions(Options):
 
     @property
     def batch_size(self) -> int:
-        """Items the engine hands over at once: one per server."""
-        return max(1, len(self.servers))
+        """Items the engine hands over at once: three per server.
+
+        Each server takes the next job as soon as it is free, so a batch only waits
+        for its slowest round; with several jobs per server a dead server's share
+        spreads over the others instead of costing a whole extra round per batch.
+        """
+        return JOBS_PER_SERVER * max(1, len(self.servers))
 
 
 def base_url(url: str) -> str:

@@ -340,7 +340,7 @@ def test_a_run_of_the_pool_is_parallel(servers):
     finally:
         gen.close()
     assert len(results) == 3 and elapsed < 0.5  # three at once, not 0.6 s in a row
-    assert gen.batch_size == 3
+    assert gen.batch_size == 9  # three jobs a server in each batch
 
 
 # --- options -------------------------------------------------------------------------
