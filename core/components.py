@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -161,8 +162,17 @@ def _accepted(model: type[BaseModel], field: str) -> str:
     return f"a {name}"
 
 
-def validate_options(component: type[Component], where: str, raw: dict) -> Options:
-    """Build a component's options, turning pydantic errors into one clear line."""
+def validate_options(
+    component: type[Component],
+    where: str,
+    raw: dict,
+    source: Callable[[str], str | None] | None = None,
+) -> Options:
+    """Build a component's options, turning pydantic errors into one clear line.
+
+    ``source(option)`` may name where a value was set (a config file, ``--set``);
+    the message then says so.
+    """
     model = component.Options
     try:
         return model.model_validate(raw)
@@ -170,11 +180,13 @@ def validate_options(component: type[Component], where: str, raw: dict) -> Optio
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         option = str(err["loc"][0]) if err["loc"] else ""
+        origin = source(loc) if source and loc else None
+        note = f" (set in {origin})" if origin else ""
         if err["type"] == "extra_forbidden":
             known = sorted(model.model_fields)
             hint = closest(option, known) or f" (known: {', '.join(known) or 'none'})"
             raise ConfigError(
-                f"{where} ({component.name}): unknown option '{loc}'{hint}"
+                f"{where} ({component.name}): unknown option '{loc}'{hint}{note}"
             ) from None
         value = err.get("input")
         # A nested option (hires.steps) has its own rule in the message already.
@@ -182,5 +194,5 @@ def validate_options(component: type[Component], where: str, raw: dict) -> Optio
         msg = err["msg"][0].lower() + err["msg"][1:]
         tail = f"; expected {accepted}" if accepted else ""
         raise ConfigError(
-            f"{where} ({component.name}): option '{loc}' = {value!r}: {msg}{tail}"
+            f"{where} ({component.name}): option '{loc}' = {value!r}: {msg}{tail}{note}"
         ) from None

@@ -228,7 +228,10 @@ def _component(
                 "%s: %s does not take '%s' from the pack", prefix, cls.name, option
             )
             del raw[option]
-    options = validate_options(cls, prefix, raw)
+
+    options = validate_options(
+        cls, prefix, raw, lambda option: layers.sources.get(f"{prefix}.{option}")
+    )
     return ComponentSpec(stage=stage, key=key, cls=cls, options=options, mode=mode)
 
 

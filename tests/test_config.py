@@ -211,3 +211,18 @@ def test_a_missing_library_stops_the_run_before_any_work(
         "pip install 'chatroom[offline]'"
     )
     assert not out.exists()
+
+
+def test_a_bad_value_names_the_file_it_came_from(few_refs, tmp_path):
+    config = tmp_path / "mine.toml"
+    config.write_text(
+        '[extractor]\nuse = "fake"\n[generator]\nuse = "fake"\nwidth = "wide"\n'
+    )
+    from chatroom.resolve import Request, resolve
+    from chatroom.testing import fake_plugins
+
+    request = Request(config_path=str(config), flags={"references": str(few_refs)})
+    with pytest.raises(ConfigError) as caught:
+        resolve(request, fake_plugins())
+    assert str(caught.value).endswith(f"(set in config:{config})")
+    assert "option 'width' = 'wide'" in str(caught.value)
