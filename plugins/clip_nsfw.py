@@ -21,7 +21,6 @@ The CLIP model is a local folder (``CLIPModel.from_pretrained``), never a Hub id
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from chatroom.components import Filter, Options
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Verdict
+from chatroom.plugins.weights import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +105,6 @@ def _from_laion_names(state: dict) -> dict:
     return renamed
 
 
-def _unreadable(exc: Exception) -> str:
-    """Why a file did not read as weights, in a few words. A file that is no
-    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
-    its message advises loading unsafely: neither is worth showing."""
-    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
-        return "torch.load cannot unpickle it"
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def load_head(path: str | Path, who: str = "clip_nsfw: head"):
     """An ``NsfwHead`` with the weights of a head file, in eval mode.
 
@@ -133,7 +123,7 @@ def load_head(path: str | Path, who: str = "clip_nsfw: head"):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # text, HTML, a cut-off download: all unreadable
         raise ConfigError(
-            f"{who} {path} is not an NSFW head ({_unreadable(exc)}); {convert}"
+            f"{who} {path} is not an NSFW head ({unreadable(exc)}); {convert}"
         ) from None
     if not isinstance(state, dict):
         raise ConfigError(

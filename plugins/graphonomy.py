@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from chatroom.components import Annotator, Options, closest
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Annotation
+from chatroom.plugins.weights import checkpoint_file, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -530,30 +530,13 @@ def network_class():
 # --- loading -------------------------------------------------------------------------
 
 
-def _unreadable(exc: Exception) -> str:
-    """Why a file did not read as weights, in a few words. A file that is no
-    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
-    its message advises loading unsafely: neither is worth showing."""
-    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
-        return "torch.load cannot unpickle it"
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def checkpoint_path(value: str, where: str) -> Path:
     """The checkpoint file ``value`` names (the file, or a folder holding it)."""
     hint = (
         f"set checkpoint to Graphonomy's CIHP model ({CHECKPOINT_FILE}, the file the "
         "authors' inference script loads) or a folder holding it"
     )
-    if not value:
-        raise ConfigError(f"{where}: no checkpoint: {hint}")
-    path = Path(value).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise ConfigError(f"{where}: checkpoint {str(path)!r} does not exist: {hint}")
-    return path
+    return checkpoint_file(value, where, CHECKPOINT_FILE, hint)
 
 
 def published_state(raw: dict) -> dict:
@@ -580,7 +563,7 @@ def load_network(path: Path, where: str, device: str = "cpu"):
     except Exception as exc:  # any unreadable file is the same problem to the user
         raise ConfigError(
             f"{where}: option 'checkpoint' = {str(path)!r} is not a torch checkpoint "
-            f"({_unreadable(exc)}); expected Graphonomy's {CHECKPOINT_FILE}"
+            f"({unreadable(exc)}); expected Graphonomy's {CHECKPOINT_FILE}"
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: checkpoint {str(path)!r} holds no state dict")

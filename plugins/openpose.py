@@ -14,7 +14,6 @@ plugin's ``decide_pose`` judges them, as it judges BlazePose's.
 from __future__ import annotations
 
 import logging
-import pickle
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -31,6 +30,7 @@ from chatroom.plugins.pose import (
     PoseKeypointsOptions,
     PoseOptions,
 )
+from chatroom.plugins.weights import checkpoint_file, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -81,30 +81,13 @@ def people_from_arrays(
 # --- the model -------------------------------------------------------------------
 
 
-def _unreadable(exc: Exception) -> str:
-    """Why a file did not read as weights, in a few words. A file that is no
-    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
-    its message advises loading unsafely: neither is worth showing."""
-    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
-        return "torch.load cannot unpickle it"
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def body_checkpoint(value: str, where: str) -> Path:
     """The body model file that ``value`` names (the file, or a folder holding it)."""
     hint = (
         f"set checkpoint to OpenPose's {BODY_FILE} (ControlNet's annotator weights) "
         "or a folder holding it"
     )
-    if not value:
-        raise ConfigError(f"{where}: no checkpoint: {hint}")
-    path = Path(value).expanduser()
-    if path.is_dir():
-        path = path / BODY_FILE
-    if not path.is_file():
-        raise ConfigError(f"{where}: checkpoint {str(path)!r} does not exist: {hint}")
-    return path
+    return checkpoint_file(value, where, BODY_FILE, hint)
 
 
 class OpenPoseBody:
@@ -166,7 +149,7 @@ class OpenPoseBody:
     def _unreadable(self, path: Path, exc: Exception) -> ConfigError:
         return ConfigError(
             f"{self.where}: option 'checkpoint' = {str(path)!r} is not a torch "
-            f"checkpoint ({_unreadable(exc)}); expected OpenPose's {BODY_FILE}"
+            f"checkpoint ({unreadable(exc)}); expected OpenPose's {BODY_FILE}"
         )
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +28,7 @@ from chatroom.components import Filter, Options
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Verdict
+from chatroom.plugins.weights import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +103,6 @@ def nima_network(base_model: str, num_classes: int = 10):
     return Nima()
 
 
-def _unreadable(exc: Exception) -> str:
-    """Why a file did not read as weights, in a few words. A file that is no
-    pickle breaks torch's unpickler with anything from KeyError to EOFError, and
-    its message advises loading unsafely: neither is worth showing."""
-    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
-        return "torch.load cannot unpickle it"
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def _read_checkpoint(path: Path, who: str) -> tuple[dict, dict[str, str]]:
     """The state dict and the metadata (safetensors only) of a NIMA checkpoint.
 
@@ -131,7 +121,7 @@ def _read_checkpoint(path: Path, who: str) -> tuple[dict, dict[str, str]]:
         raise MissingDependency(exc.name or "torch", EXTRA, "quality") from None
     except Exception as exc:  # text, HTML, a cut-off download: all unreadable
         raise ConfigError(
-            f"{who} {path} is not a NIMA checkpoint ({_unreadable(exc)}); {NIMA_FILES}"
+            f"{who} {path} is not a NIMA checkpoint ({unreadable(exc)}); {NIMA_FILES}"
         ) from None
     if isinstance(loaded, dict) and "params" in loaded:
         loaded = loaded["params"]

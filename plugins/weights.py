@@ -1,0 +1,33 @@
+"""Helpers shared by the plugins that read weights files the user names."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from chatroom.errors import ConfigError
+
+
+def unreadable(exc: Exception) -> str:
+    """Why a file did not read as weights, in a few words.
+
+    A file that is no pickle breaks torch's unpickler with anything from KeyError to
+    EOFError, and the unpickler's message advises loading unsafely: neither is worth
+    showing.
+    """
+    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError, IndexError)):
+        return "torch.load cannot unpickle it"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def checkpoint_file(value: str, where: str, file_name: str, hint: str) -> Path:
+    """The file ``value`` names: the file itself, or ``file_name`` in a folder."""
+    if not value:
+        raise ConfigError(f"{where}: no checkpoint: {hint}")
+    path = Path(value).expanduser()
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise ConfigError(f"{where}: checkpoint {str(path)!r} does not exist: {hint}")
+    return path
