@@ -216,10 +216,22 @@ def validate_run_settings(data: dict[str, Any]) -> RunSettings:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            hint = closest(loc, RunSettings.model_fields)
+            hint = _section_hint(loc, data) or closest(loc, RunSettings.model_fields)
             raise ConfigError(f"unknown setting '{loc}'{hint}") from None
         msg = err["msg"][0].lower() + err["msg"][1:]
         raise ConfigError(f"setting '{loc}' = {err.get('input')!r}: {msg}") from None
+
+
+def _section_hint(key: str, data: dict[str, Any]) -> str:
+    """' (did you mean generator.steps?)' when a stage's section has that option."""
+    for section in ("generator", "prompter", "extractor"):
+        if isinstance(data.get(section), dict) and key in data[section]:
+            return f" (did you mean '{section}.{key}'?)"
+    for section in ("filters", "annotators"):
+        for name, body in (data.get(section) or {}).items():
+            if isinstance(body, dict) and key in body:
+                return f" (did you mean '{section}.{name}.{key}'?)"
+    return ""
 
 
 def is_secret(key: str) -> bool:

@@ -38,6 +38,8 @@ SOURCE = "curate"
 class CurateEngine(Engine):
     """The engine over a folder of images: every image once, filtered and annotated."""
 
+    kind = "curate"
+
     def __init__(self, request: Request, **kwargs):
         super().__init__(request, **kwargs)
         resolved = self.resolved

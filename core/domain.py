@@ -130,6 +130,9 @@ def resolve_domain(name_or_path: str, packs: dict[str, Path]) -> Domain:
         return load_pack(packs[name_or_path])
     if candidate.is_dir():
         return load_pack(candidate)
+    if "/" in name_or_path or name_or_path.startswith((".", "~")):
+        what = "is not a folder" if candidate.exists() else "does not exist"
+        raise ConfigError(f"domain pack folder {name_or_path} {what}")
     hint = (
         closest(name_or_path, packs)
         or f" (known: {', '.join(sorted(packs)) or 'none'})"

@@ -146,6 +146,8 @@ class RunContext:
 class Engine:
     """Runs one request to completion, or resumes it."""
 
+    kind = "run"  # the command whose folder this is, as run.json records it
+
     def __init__(
         self,
         request: Request,
@@ -309,6 +311,12 @@ class Engine:
                         "--fresh deletes only a run's own files: move yours out, or "
                         "choose another -o"
                     )
+            elif old.get("kind", "run") != self.kind:
+                held = old.get("kind", "run")
+                raise ResumeError(
+                    f"{out} holds the output of `chatroom {held}`, not of "
+                    f"`chatroom {self.kind}`; choose another -o"
+                )
             elif old.get("fingerprint") != self.fingerprint and (
                 changed or old.get("inputs") != inputs
             ):

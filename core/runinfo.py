@@ -85,6 +85,7 @@ def run_info(engine: Engine, status: str, summary: RunSummary | None) -> dict[st
     return {
         "chatroom": __version__,
         "status": status,
+        "kind": engine.kind,
         "fingerprint": engine.fingerprint,
         "inputs": resolved.inputs_digest(
             [r.sha256 for r in engine.references.values()]

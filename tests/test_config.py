@@ -226,3 +226,19 @@ def test_a_bad_value_names_the_file_it_came_from(few_refs, tmp_path):
         resolve(request, fake_plugins())
     assert str(caught.value).endswith(f"(set in config:{config})")
     assert "option 'width' = 'wide'" in str(caught.value)
+
+
+def test_a_stage_option_set_at_the_top_points_to_its_section(few_refs):
+    from chatroom.resolve import Request, resolve
+    from chatroom.testing import fake_plugins
+
+    request = Request(flags={"references": str(few_refs)}, overrides=["steps=3"])
+    with pytest.raises(ConfigError, match=r"'steps' \(did you mean 'generator.steps'"):
+        resolve(request, fake_plugins())
+
+
+def test_a_pack_folder_that_does_not_exist_is_named(tmp_path):
+    from chatroom.domain import resolve_domain
+
+    with pytest.raises(ConfigError, match="domain pack folder .*/nope does not exist"):
+        resolve_domain(str(tmp_path / "nope"), {"fashion": tmp_path})

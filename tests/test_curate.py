@@ -15,6 +15,11 @@ def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def main_run(references, out):
+    args = ["run", "--references", str(references), "-o", str(out), "-n", "1"]
+    return CliRunner().invoke(main, args)
+
+
 def curate(*args):
     result = CliRunner().invoke(main, ["curate", *map(str, args)])
     return result
@@ -104,6 +109,14 @@ def test_a_bad_file_is_skipped_and_records_name_their_image(tmp_path, fashion_re
     assert failure["kind"] == "reference" and failure["subject"].endswith("notes.txt")
     run = json.loads((out / "run.json").read_text())
     assert set(run["components"]) == {"filter:image_checks"}
+    assert run["kind"] == "curate"
+
+    # A run into a curate's folder is told what the folder holds.
+    result = main_run(folder, out)
+    assert result.exit_code == 2
+    assert "holds the output of `chatroom curate`, not of `chatroom run`" in (
+        result.output
+    )
 
 
 def test_the_output_folder_may_not_be_the_images_folder(tmp_path, fashion_refs):
