@@ -12,72 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
-REFS = (
-    Path(os.environ.get("CHATROOM_SHARED", ROOT.parent / "shared")) / "data/reference"
-)
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def make_run(out: Path, count: int, width: int, height: int, masks: bool) -> float:
-    """A finished run of ``count`` records made with the fakes; seconds it took."""
-    from chatroom.components import Annotator
-    from chatroom.engine import Engine
-    from chatroom.hookspecs import hookimpl
-    from chatroom.models import Annotation
-    from chatroom.resolve import Request
-    from chatroom.testing import FAKE_CONFIG, fake_plugins
-
-    class HalfMasks(Annotator):
-        name = "half_masks"
-
-        def annotate(self, candidates, verdicts):
-            from PIL import Image
-
-            notes = []
-            for candidate in candidates:
-                w, h = candidate.image.size
-                top = Image.new("L", (w, h), 0)
-                top.paste(255, (0, 0, w, h // 2))
-                bottom = Image.new("L", (w, h), 255)
-                bottom.paste(0, (0, 0, w, h // 2))
-                notes.append(
-                    Annotation(annotator="masks", masks={"top": top, "bottom": bottom})
-                )
-            return notes
-
-    class Offers:
-        @hookimpl
-        def register_annotators(self, register):
-            register(HalfMasks)
-
-    plugins = fake_plugins()
-    overrides = [f"generator.width={width}", f"generator.height={height}"]
-    if masks:
-        plugins.register(Offers(), name="half-masks")
-        overrides.append('annotators.masks.use="half_masks"')
-    config = out.parent / "fake.toml"
-    config.write_text(FAKE_CONFIG)
-    request = Request(
-        config_path=str(config),
-        flags={
-            "references": str(REFS / "fashion"),
-            "count": count,
-            "output": str(out),
-        },
-        overrides=overrides,
-    )
-    start = time.perf_counter()
-    summary = Engine(request, plugins=plugins).run()
-    if summary.written != count:
-        sys.exit(f"the run wrote {summary.written} of {count} records")
-    return time.perf_counter() - start
+from fake_runs import make_run  # noqa: E402
 
 
 def bench(count: int, width: int, height: int, masks: bool, repeat: int) -> dict:
@@ -85,7 +28,12 @@ def bench(count: int, width: int, height: int, masks: bool, repeat: int) -> dict
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        made = make_run(out, count, width, height, masks)
+        made = make_run(
+            out,
+            count,
+            [f"generator.width={width}", f"generator.height={height}"],
+            masks=masks,
+        )
         result: dict = {
             "records": count,
             "image": f"{width}x{height}",

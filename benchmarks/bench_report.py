@@ -14,77 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
-REFS = (
-    Path(os.environ.get("CHATROOM_SHARED", ROOT.parent / "shared")) / "data/reference"
-)
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def make_run(out: Path, count: int) -> float:
-    """A finished run of ``count`` annotated records made with the fakes; seconds."""
-    from chatroom.components import Annotator
-    from chatroom.engine import Engine
-    from chatroom.hookspecs import hookimpl
-    from chatroom.models import Annotation
-    from chatroom.resolve import Request
-    from chatroom.testing import FAKE_CONFIG, fake_plugins
-
-    class MasksAndPose(Annotator):
-        name = "masks_and_pose"
-
-        def annotate(self, candidates, verdicts):
-            from PIL import Image
-
-            notes = []
-            for candidate in candidates:
-                w, h = candidate.image.size
-                top = Image.new("L", (w, h), 0)
-                top.paste(255, (0, 0, w, h // 2))
-                bottom = Image.new("L", (w, h), 0)
-                bottom.paste(255, (0, h // 2, w, h))
-                # a standing figure: 18 joints down the middle of the image
-                keypoints = [
-                    [w / 2 + (i % 3 - 1) * w / 6, h * (i + 1) / 20, 0.9]
-                    for i in range(18)
-                ]
-                notes.append(
-                    Annotation(
-                        annotator="masks_and_pose",
-                        masks={"top": top, "bottom": bottom},
-                        keypoints=keypoints,
-                    )
-                )
-            return notes
-
-    class Offers:
-        @hookimpl
-        def register_annotators(self, register):
-            register(MasksAndPose)
-
-    plugins = fake_plugins()
-    plugins.register(Offers(), name="masks-and-pose")
-    config = out.parent / "fake.toml"
-    config.write_text(FAKE_CONFIG)
-    request = Request(
-        config_path=str(config),
-        flags={"references": str(REFS / "fashion"), "count": count, "output": str(out)},
-        overrides=[
-            "generator.blank_every=7",
-            'annotators.masks.use="masks_and_pose"',
-        ],
-    )
-    start = time.perf_counter()
-    summary = Engine(request, plugins=plugins).run()
-    if summary.written != count:
-        sys.exit(f"the run wrote {summary.written} of {count} records")
-    return time.perf_counter() - start
+from fake_runs import make_run  # noqa: E402
 
 
 def bench(count: int, extras: bool) -> dict:
@@ -92,7 +30,13 @@ def bench(count: int, extras: bool) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        made = make_run(out, count)
+        made = make_run(
+            out,
+            count,
+            ["generator.blank_every=7"],
+            masks=True,
+            keypoints=True,
+        )
         result: dict = {"records": count, "make the run (s)": round(made, 2)}
         for label in ("first build (s)", "rebuild, thumbnails kept (s)"):
             start = time.perf_counter()

@@ -29,6 +29,7 @@ from chatroom.models import (
     Reference,
     Verdict,
 )
+from chatroom.plugins.weights import device_and_dtype
 from chatroom.references import load_image
 
 log = logging.getLogger(__name__)
@@ -193,15 +194,7 @@ class Blip2Asker:
         self.batch_size = self.options.batch_size
 
     def _torch_setup(self) -> tuple[str, str]:
-        import torch
-
-        device = self.options.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.options.dtype
-        if dtype == "auto":
-            dtype = "float16" if device == "cuda" else "float32"
-        return device, dtype
+        return device_and_dtype(self.options.device, self.options.dtype)
 
     def load(self) -> tuple[Any, Any]:
         """The processor and model, loaded once and shared between components."""

@@ -27,6 +27,7 @@ from chatroom.components import Annotator, Options
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Annotation
+from chatroom.plugins.weights import device_and_dtype
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,7 @@ class DepthMap(Annotator):
             raise MissingDependency(
                 exc.name or "transformers", "transformers", self.name
             ) from None
-        device = self.options.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.options.dtype
-        if dtype == "auto":
-            dtype = "float16" if device == "cuda" else "float32"
+        device, dtype = device_and_dtype(self.options.device, self.options.dtype)
         started = time.perf_counter()
         local = self.options.local_files_only
         try:

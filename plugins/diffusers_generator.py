@@ -41,6 +41,7 @@ from chatroom.models import Candidate, GenerationSettings, HiresSettings, Prompt
 
 from . import civitai
 from . import prompt_weighting as pw
+from .weights import device_and_dtype
 
 log = logging.getLogger(__name__)
 
@@ -357,12 +358,7 @@ class DiffusersGenerator(Generator):
     def _torch_setup(self) -> tuple[str, Any]:
         import torch
 
-        device = self.options.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.options.dtype
-        if dtype == "auto":
-            dtype = "float16" if device == "cuda" else "float32"
+        device, dtype = device_and_dtype(self.options.device, self.options.dtype)
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         return device, getattr(torch, dtype)

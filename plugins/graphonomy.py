@@ -34,7 +34,7 @@ from chatroom.components import Annotator, Options, closest
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Annotation
-from chatroom.plugins.weights import checkpoint_file, unreadable
+from chatroom.plugins.weights import checkpoint_file, torch_device, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -603,14 +603,6 @@ class GraphonomyParser:
         self._network = None
         self.path: Path | None = None
 
-    def _device(self) -> str:
-        device = self.options.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return device
-
     def load(self):
         if self._network is None:
             try:
@@ -618,9 +610,13 @@ class GraphonomyParser:
             except ImportError:
                 raise MissingDependency("torch", EXTRA, self.where) from None
             path = checkpoint_path(self.options.checkpoint, self.where)
-            self._network = load_network(path, self.where, self._device())
+            self._network = load_network(
+                path, self.where, torch_device(self.options.device)
+            )
             self.path = path
-            log.info("loaded Graphonomy %s on %s", path, self._device())
+            log.info(
+                "loaded Graphonomy %s on %s", path, torch_device(self.options.device)
+            )
         return self._network
 
     def parse(self, image):

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from chatroom.components import Annotator, Filter
+from chatroom.components import Annotator, Filter, Options
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.plugins.pose import (
@@ -30,7 +30,7 @@ from chatroom.plugins.pose import (
     PoseKeypointsOptions,
     PoseOptions,
 )
-from chatroom.plugins.weights import checkpoint_file, unreadable
+from chatroom.plugins.weights import checkpoint_file, torch_device, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,6 @@ class OpenPoseBody:
         self._body = None
         self.path: Path | None = None
 
-    def _device(self) -> str:
-        device = self.options.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return device
-
     def load(self):
         if self._body is not None:
             return self._body
@@ -141,9 +133,13 @@ class OpenPoseBody:
             raise self._unreadable(path, exc) from None  # the unpickler's own
         except Exception as exc:  # text, HTML, a cut-off download: all unreadable
             raise self._unreadable(path, exc) from None
-        body.to(self._device())
+        body.to(torch_device(self.options.device))
         self._body, self.path = body, path
-        log.info("loaded OpenPose body model %s on %s", path, self._device())
+        log.info(
+            "loaded OpenPose body model %s on %s",
+            path,
+            torch_device(self.options.device),
+        )
         return body
 
     def _unreadable(self, path: Path, exc: Exception) -> ConfigError:
@@ -274,11 +270,14 @@ def write_smoke_checkpoint(path: str | Path, seed: int = 1234) -> Path:
 # --- the components ----------------------------------------------------------------
 
 
-class OpenPoseOptions(PoseOptions):
+class OpenPoseModelOptions(Options):
+    """Where the body model is and how it looks, for the filter and the annotator."""
+
     checkpoint: str = Field(
         "",
         description=f"OpenPose's {BODY_FILE}, or a folder holding it (ControlNet's "
-        "annotator weights; not downloaded).",
+        "annotator weights; not downloaded). The annotator loads it only when no pose "
+        "filter passed keypoints on.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     detect_resolution: int = Field(
@@ -287,6 +286,9 @@ class OpenPoseOptions(PoseOptions):
         description="Larger images are scaled so their shorter side is this before "
         "the model looks; keypoints are given in the original image's pixels.",
     )
+
+
+class OpenPoseOptions(OpenPoseModelOptions, PoseOptions):
     min_confidence: float = Field(
         0.1,
         ge=0,
@@ -314,19 +316,7 @@ class OpenPoseFilter(PoseFilter):
         return self.model.describe()
 
 
-class OpenPoseKeypointsOptions(PoseKeypointsOptions):
-    checkpoint: str = Field(
-        "",
-        description=f"OpenPose's {BODY_FILE}, or a folder holding it; used only when "
-        "no pose filter passed keypoints on.",
-    )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    detect_resolution: int = Field(
-        512,
-        ge=64,
-        description="Larger images are scaled so their shorter side is this before "
-        "the model looks.",
-    )
+class OpenPoseKeypointsOptions(OpenPoseModelOptions, PoseKeypointsOptions):
     min_confidence: float = Field(
         0.1,
         ge=0,

@@ -1,4 +1,4 @@
-"""Helpers shared by the plugins that read weights files the user names."""
+"""Helpers shared by the plugins that load local models from files the user names."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def checkpoint_file(value: str, where: str, file_name: str, hint: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{where}: checkpoint {str(path)!r} does not exist: {hint}")
     return path
+
+
+def torch_device(device: str) -> str:
+    """The device a ``device`` option names; ``auto`` is CUDA when there is one."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """``device`` and ``dtype`` options resolved; ``auto`` dtype is float16 on CUDA."""
+    device = torch_device(device)
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return device, dtype

@@ -1,4 +1,4 @@
-"""The run folder: chatroom deletes only what it wrote, and a refusal touches nothing."""
+"""The run folder: chatroom deletes only what it wrote; a refusal touches nothing."""
 
 import json
 import logging
@@ -169,7 +169,7 @@ def test_a_resume_keeps_a_users_files_and_removes_a_killed_writes_leftovers(
         assert (out / row["pose"]).is_file()
 
 
-# --- a refused command leaves the folder exactly as it was -----------------------------
+# --- a refused command leaves the folder exactly as it was ----------------------
 
 
 def test_a_folder_of_someone_elses_files_is_left_as_it_was(

@@ -1084,7 +1084,10 @@ generator = DiffusersGenerator(
     validate_options(DiffusersGenerator, "generator", raw), Context(domain=None)
 )
 spec = PromptSpec(
-    index=0, item_id="x", prompt="(a red dress:1.2), long sleeves", negative_prompt="lowres"
+    index=0,
+    item_id="x",
+    prompt="(a red dress:1.2), long sleeves",
+    negative_prompt="lowres",
 )
 (candidate,) = generator.generate([spec], [1234])
 png = io.BytesIO()

@@ -73,7 +73,7 @@ def wheel(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("source") / "chatroom"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LEFT_BEHIND))
     dist = tmp_path_factory.mktemp("dist")
-    # -x: setuptools>=70.1 builds wheels itself; the separate `wheel` package may be absent
+    # -x: setuptools>=70.1 builds wheels itself; the `wheel` package may be absent
     run(
         sys.executable,
         "-m",
