@@ -28,7 +28,7 @@ from chatroom.components import Filter, Options
 from chatroom.errors import ConfigError, MissingDependency
 from chatroom.hookspecs import hookimpl
 from chatroom.models import Verdict
-from chatroom.plugins.weights import unreadable
+from chatroom.plugins.weights import save_safetensors, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -357,15 +357,12 @@ class QualityFilter(Filter):
 
 def write_smoke_nima(directory: Path, base_model: str = "test_efficientnet") -> Path:
     """A tiny NIMA checkpoint (timm's test EfficientNet backbone, random weights)."""
-    from safetensors.torch import save_file
-
     network = nima_network(base_model, 10)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / SMOKE_NIMA_FILE
     state = {k: v.contiguous() for k, v in network.state_dict().items()}
-    save_file(
-        state, str(path), metadata={"base_model": base_model, "num_classes": "10"}
-    )
+    metadata = {"base_model": base_model, "num_classes": "10"}
+    save_safetensors(state, path, metadata)
     return path
 
 

@@ -48,3 +48,26 @@ def device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     if dtype == "auto":
         dtype = "float16" if device == "cuda" else "float32"
     return device, dtype
+
+
+def save_safetensors(state: dict, path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the metadata in a fixed order.
+
+    The library writes metadata keys in hash order, which changes from process to
+    process; smoke checkpoints must be the same bytes on every write.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata=metadata)
+    data = bytearray(path.read_bytes())
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > size:  # not expected: the same keys and values, reordered
+        return
+    data[8 : 8 + size] = text.ljust(size, b" ")
+    path.write_bytes(bytes(data))
